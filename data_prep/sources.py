@@ -1,0 +1,345 @@
+"""Readers from each source layout to a `SourceData` (uint8 arrays in memory).
+
+Each reader checks its input and raises `UserError` naming the file at fault; nothing here touches the
+output directory, so a bad source never leaves a .beton behind.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import multiprocessing
+import os
+import pickle
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.write import SourceData
+from vpn_dist.errors import UserError
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def sha256_file(path: Path, h=None):
+    """Stream a file into a sha256 (or into `h`, when given)."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{what} {path} does not exist or is not a directory")
+    return path
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (IDX)
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise UserError(f"missing file {root / stem}[.gz]")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse one IDX file of uint8 (magic 0x0000 08 ndim), gzipped or not, checking its size."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path}: cannot read or decompress ({err})") from None
+    magic = raw[:4]
+    if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
+        raise UserError(f"{path}: not an IDX file of {ndim}-d uint8 (magic number {magic.hex() or 'missing'}, "
+                        f"expected 00000800 + {ndim:02x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise UserError(f"{path}: truncated or corrupt IDX: dimensions {dims} need {expected} bytes of data, "
+                        f"found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_fashion_mnist(source: Path) -> SourceData:
+    _require_dir(source, "Fashion-MNIST directory")
+    paths = {key: _find_idx(source, stem) for key, stem in [
+        ("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
+        ("test_x", "t10k-images-idx3-ubyte"), ("test_y", "t10k-labels-idx1-ubyte")]}
+    arrays = {key: read_idx(p, 3 if key.endswith("x") else 1) for key, p in paths.items()}
+    for split in ("train", "test"):
+        n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
+        if n_x != n_y:
+            raise UserError(f"{paths[split + '_y']}: {n_y} labels for {n_x} images in {paths[split + '_x']}")
+        if len(arrays[f"{split}_y"]) and arrays[f"{split}_y"].max() >= len(FASHION_MNIST_CLASSES):
+            raise UserError(f"{paths[split + '_y']}: labels out of range (max {arrays[split + '_y'].max()}, "
+                            f"expected 0..{len(FASHION_MNIST_CLASSES) - 1})")
+    h = hashlib.sha256()
+    for p in paths.values():
+        h.update(p.name.encode())
+        sha256_file(p, h)
+    return SourceData(train_x=arrays["train_x"][:, None], train_y=arrays["train_y"].astype(np.int64),
+                      test_x=arrays["test_x"][:, None], test_y=arrays["test_y"].astype(np.int64),
+                      class_names=list(FASHION_MNIST_CLASSES), checksum=h.hexdigest())
+
+
+# --------------------------------------------------------------------------- CIFAR-10 (python pickles)
+
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
+def _unpickle(data: bytes, where: str) -> dict:
+    try:  # the official release is pickled; only feed it files you trust, as with any pickle
+        obj = pickle.loads(data, encoding="bytes")
+    except Exception as err:
+        raise UserError(f"{where}: corrupt CIFAR-10 pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a dict in the CIFAR-10 pickle, got {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_batch(blobs: dict[str, bytes], name: str, where: str, num_classes: int):
+    batch = _unpickle(blobs[name], f"{where}/{name}")
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except KeyError as err:
+        raise UserError(f"{where}/{name}: missing key {err} in the CIFAR-10 batch") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise UserError(f"{where}/{name}: expected data (N, 3072) and N labels, got {data.shape} and {len(labels)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{where}/{name}: labels out of range ({labels.min()}..{labels.max()}, "
+                        f"expected 0..{num_classes - 1})")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(source: Path, workers: int) -> SourceData:
+    """The python tarball, its extracted cifar-10-batches-py/, or an ImageFolder tree (train/, test/)."""
+    if not source.exists():
+        raise UserError(f"CIFAR-10 source {source} does not exist")
+    h = hashlib.sha256()
+    if source.is_file():
+        where = str(source)
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in CIFAR_BATCHES if n not in members]
+                if missing:
+                    raise UserError(f"{source}: missing {', '.join(missing)} in the tarball")
+                blobs = {n: tar.extractfile(members[n]).read() for n in CIFAR_BATCHES}
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            raise UserError(f"{source}: not a readable CIFAR-10 tarball ({err})") from None
+        sha256_file(source, h)
+    else:
+        if (source / "train").is_dir():
+            return read_imagefolder(source, workers, channels=3)
+        batch_dir = source / "cifar-10-batches-py" if (source / "cifar-10-batches-py").is_dir() else source
+        missing = [n for n in CIFAR_BATCHES if not (batch_dir / n).is_file()]
+        if missing:
+            raise UserError(f"{batch_dir}: missing {', '.join(missing)} (expected cifar-10-batches-py/ "
+                            f"or an ImageFolder tree with train/ and test/)")
+        where = str(batch_dir)
+        blobs = {n: (batch_dir / n).read_bytes() for n in CIFAR_BATCHES}
+        for n in CIFAR_BATCHES:
+            h.update(n.encode())
+            h.update(blobs[n])
+    meta = _unpickle(blobs["batches.meta"], f"{where}/batches.meta")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
+    if not names:
+        raise UserError(f"{where}/batches.meta: no label_names")
+    train = [_cifar_batch(blobs, n, where, len(names)) for n in CIFAR_BATCHES[:5]]
+    test_x, test_y = _cifar_batch(blobs, "test_batch", where, len(names))
+    return SourceData(train_x=np.concatenate([x for x, _ in train]), train_y=np.concatenate([y for _, y in train]),
+                      test_x=test_x, test_y=test_y, class_names=names, checksum=h.hexdigest())
+
+
+# --------------------------------------------------------------------------- image trees
+
+def _decode(path: str):
+    """Read, hash and decode one image file; errors come back as text (this runs in a pool)."""
+    try:
+        with open(path, "rb") as fh:
+            blob = fh.read()
+    except OSError as err:
+        return None, f"cannot read ({err.strerror})", None
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im.load()
+            array = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
+    except Exception as err:
+        return None, f"not a readable image ({type(err).__name__}: {err})", None
+    return array, None, hashlib.sha256(blob).digest()
+
+
+def decode_images(paths: list[Path], workers: int, desc: str) -> tuple[list[np.ndarray], list[bytes]]:
+    """Decode files in a fork pool (inline for a few files), with a progress bar; UserError on the first bad one."""
+    arrays, digests = [], []
+    names = [str(p) for p in paths]
+    if workers > 1 and len(names) > 256:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_decode, names, chunksize=256)
+    else:
+        pool, results = None, map(_decode, names)
+    try:
+        for name, (array, error, digest) in tqdm(zip(names, results), total=len(names), desc=desc,
+                                                 unit="img", mininterval=1.0, disable=len(names) < 1000):
+            if error:
+                raise UserError(f"{name}: {error}")
+            arrays.append(array)
+            digests.append(digest)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return arrays, digests
+
+
+def stack_images(arrays: list[np.ndarray], *, channels: int | None, size: tuple[int, int] | None,
+                 notes: list[str]) -> np.ndarray:
+    """One (N, C, H, W) uint8 array: gray only when every image is gray (or channels=1), odd sizes resized."""
+    if channels is None:
+        channels = 1 if all(a.ndim == 2 for a in arrays) else 3
+    if size is None:
+        size = Counter(a.shape[:2] for a in arrays).most_common(1)[0][0]
+    out = np.empty((len(arrays), channels) + tuple(size), dtype=np.uint8)
+    resized = 0
+    for i, a in enumerate(arrays):
+        if a.shape[:2] != tuple(size):
+            resample = Image.Resampling.BILINEAR
+            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), resample))
+            resized += 1
+        if a.ndim == 2:
+            out[i] = a[None] if channels == 1 else np.broadcast_to(a[None], (3,) + a.shape)
+        elif channels == 1:
+            out[i, 0] = np.asarray(Image.fromarray(a).convert("L"))
+        else:
+            out[i] = a.transpose(2, 0, 1)
+    if resized:
+        notes.append(f"resized {resized} of {len(arrays)} images to {size[0]}x{size[1]}")
+    return out
+
+
+def _tree_checksum(root: Path, paths: list[Path], digests: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p, d in sorted(zip((str(p.relative_to(root)) for p in paths), digests)):
+        h.update(p.encode())
+        h.update(d)
+    return h.hexdigest()
+
+
+def _class_files(split_dir: Path) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders")
+    files = {}
+    for name in classes:
+        found = sorted(Path(dp) / f for dp, dns, fns in os.walk(split_dir / name)
+                       for f in fns if not f.startswith("."))
+        if not found:
+            raise UserError(f"class folder {split_dir / name} is empty")
+        files[name] = found
+    return files
+
+
+def read_imagefolder(source: Path, workers: int, *, channels: int | None = None,
+                     size: tuple[int, int] | None = None) -> SourceData:
+    """`train/<class>/...` and `test/<class>/...` (or `val/`); class index = sorted folder name."""
+    _require_dir(source, "image tree")
+    train_dir = _require_dir(source / "train", "train folder")
+    test_dir = next((source / n for n in ("test", "val") if (source / n).is_dir()), None)
+    if test_dir is None:
+        raise UserError(f"{source} has neither test/ nor val/ next to train/")
+    train_files, test_files = _class_files(train_dir), _class_files(test_dir)
+    if set(train_files) != set(test_files):
+        only_train = sorted(set(train_files) - set(test_files))
+        only_test = sorted(set(test_files) - set(train_files))
+        raise UserError(f"{train_dir} and {test_dir} have different class folders "
+                        f"(only in train: {only_train}, only in {test_dir.name}: {only_test})")
+    classes = sorted(train_files)
+    paths, labels = {}, {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        paths[split] = [p for c in classes for p in files[c]]
+        labels[split] = np.concatenate([np.full(len(files[c]), i, np.int64) for i, c in enumerate(classes)])
+    return _decode_splits(source, paths, labels, classes, workers, channels=channels, size=size)
+
+
+def _decode_splits(root, paths, labels, classes, workers, *, channels, size) -> SourceData:
+    all_paths = paths["train"] + paths["test"]
+    arrays, digests = decode_images(all_paths, workers, desc=f"decoding {root.name}")
+    notes: list[str] = []
+    images = stack_images(arrays, channels=channels, size=size, notes=notes)
+    n_train = len(paths["train"])
+    return SourceData(train_x=images[:n_train], train_y=labels["train"], test_x=images[n_train:],
+                      test_y=labels["test"], class_names=list(classes),
+                      checksum=_tree_checksum(root, all_paths, digests), notes=notes)
+
+
+def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | None = None) -> SourceData:
+    """tiny-imagenet-200/: wnids.txt (class order), words.txt (names), train/<wnid>/images, val/ as test."""
+    if (source / "tiny-imagenet-200").is_dir():
+        source = source / "tiny-imagenet-200"
+    _require_dir(source, "Tiny ImageNet directory")
+    wnids_path = source / "wnids.txt"
+    if not wnids_path.is_file():
+        raise UserError(f"missing file {wnids_path}")
+    wnids = [w.strip() for w in wnids_path.read_text().split() if w.strip()]
+    if not wnids or len(set(wnids)) != len(wnids):
+        raise UserError(f"{wnids_path}: empty or has duplicate wnids")
+    index = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (source / "words.txt").is_file():
+        for line in (source / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid.strip()] = text.split(",")[0].strip()
+    train_dir = _require_dir(source / "train", "train folder")
+    folders = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if set(folders) != set(wnids):
+        raise UserError(f"{train_dir} class folders differ from {wnids_path} "
+                        f"(not in wnids: {sorted(set(folders) - set(wnids))[:5]}, "
+                        f"no folder: {sorted(set(wnids) - set(folders))[:5]})")
+    train_paths, train_labels = [], []
+    for w in wnids:
+        img_dir = train_dir / w / "images"
+        found = sorted(p for p in img_dir.glob("*") if p.is_file() and not p.name.startswith(".")) \
+            if img_dir.is_dir() else []
+        if not found:
+            raise UserError(f"class folder {img_dir} is missing or empty")
+        train_paths += found
+        train_labels += [index[w]] * len(found)
+    annotations = source / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(f"missing file {annotations}")
+    test_paths, test_labels = [], []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise UserError(f"{annotations}:{n}: expected 'file<TAB>wnid...', got {line!r}")
+        if parts[1] not in index:
+            raise UserError(f"{annotations}:{n}: label {parts[1]!r} is not one of the {len(wnids)} wnids "
+                            f"in {wnids_path} (label out of range)")
+        test_paths.append(source / "val" / "images" / parts[0])
+        test_labels.append(index[parts[1]])
+    if not test_paths:
+        raise UserError(f"{annotations} lists no images")
+    for p in test_paths:
+        if not p.is_file():
+            raise UserError(f"{p} is listed in {annotations} but missing")
+    return _decode_splits(source, {"train": train_paths, "test": test_paths},
+                          {"train": np.array(train_labels, np.int64), "test": np.array(test_labels, np.int64)},
+                          [words.get(w, w) for w in wnids], workers, channels=3, size=size)
