@@ -1,10 +1,56 @@
-"""`vpn-dist`: one console script, one subcommand per job."""
+"""`vpn-dist`: one console script, one subcommand per job (prep, train, eval, tune, bench)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from vpn_dist.config import MODES
 from vpn_dist.errors import UserError
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="directory written by `vpn-dist prep` (data.path)")
+    p.add_argument("--base", help="base model: sr, dnn3, resnet18/34/50 or a torchvision classifier (model.base)")
+    p.add_argument("--generator", help="noise generator: dnn3, resnet18 or none (model.generator)")
+    p.add_argument("--mode", choices=MODES, help="joint, generator-only, baseline or random (vpn.mode)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--out", help="run directory: config.yaml, metrics.json, checkpoints/, tb/")
+    p.add_argument("--config", help="a YAML run config (configs/*.yaml); flags and --set override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set vpn.m=4 --set train.amp=bf16 (repeatable)")
+    p.add_argument("--init-from", help="generator-only: run directory of the trained base model")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its configured epoch count")
+    p.add_argument("--workers", type=int, help="Ray Train workers (dist.workers); omit to train in this process")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray worker (dist.gpu)")
+    p.add_argument("--cpus-per-worker", type=int, help="CPUs per Ray worker (dist.cpus_per_worker)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vpn_dist.launch import config_from_args, load_run, train
+
+    flags = {"data.path": args.data, "model.base": args.base, "model.generator": args.generator,
+             "vpn.mode": args.mode, "train.epochs": args.epochs, "out": args.out, "train.init_from": args.init_from,
+             "dist.workers": args.workers, "dist.gpu": args.gpu, "dist.cpus_per_worker": args.cpus_per_worker}
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise UserError("--resume continues RUN_DIR in place; drop --out or give the same directory")
+        flags["out"] = args.resume
+    base = load_run(args.resume) if args.resume else None
+    cfg = config_from_args(args.config, flags, args.overrides, base)
+    final = train(cfg, resume=bool(args.resume))
+    shown = {k: final[k] for k in ("test_acc_alg2", "test_acc_no_noise", "train_loss", "train_acc",
+                                   "epochs_completed", "wall_time_s", "train_images_per_sec") if k in final}
+    print(json.dumps(shown, indent=2))
+    print(f"run directory: {cfg.out}  (TensorBoard: tensorboard --logdir {cfg.out}/tb)")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from vpn_dist.launch import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, args.data), indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prep", help="convert a data set to FFCV .beton files")
     prep_cli.add_arguments(prep)
     prep.set_defaults(run=prep_cli.run)
+
+    train = sub.add_parser("train", help="train VPN (or an ablation) in this process or on Ray Train workers")
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
+
+    evaluate = sub.add_parser("eval", help="recompute a run's test metrics from its last checkpoint")
+    evaluate.add_argument("--run", required=True, help="run directory")
+    evaluate.add_argument("--data", help="data directory (default: the run's)")
+    evaluate.set_defaults(run=run_eval)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,48 @@
+"""Checkpoints: one directory per epoch, `RUN_DIR/checkpoints/epoch_NNNN/state.pt`, in and out of Ray."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vpn_dist.errors import UserError
+
+STATE_FILE = "state.pt"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def write_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write state.pt under a temporary name, then rename: a crash never leaves a checkpoint that looks whole."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(directory / STATE_FILE)
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"checkpoint {path} cannot be read: {err}") from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (Ray's and the in-process path use the same layout)."""
+    found = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (Ray's CheckpointConfig does this under Ray)."""
+    found = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,252 @@
+"""The typed run config: defaults < YAML file < CLI flags < `--set key=value`, validated once at start.
+
+Every nonsense value stops the run with a `UserError` that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vpn_dist.errors import UserError
+
+MODES = ("joint", "generator-only", "baseline", "random")
+BOUNDS = ("none", "elementwise", "norm")
+AMP_MODES = ("off", "bf16", "fp16")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a directory written by `vpn-dist prep`
+    num_workers: int = 2  # FFCV decoding threads per training worker
+    os_cache: bool = True
+    augment: bool = False  # flip/crop; off to match the paper
+
+
+@dataclass
+class ModelConfig:
+    base: str = "dnn3"  # sr, dnn3, resnet18/34/50, or any torchvision classifier
+    generator: str = "dnn3"  # dnn3, resnet18, or none
+
+
+@dataclass
+class VPNConfig:
+    mode: str = "joint"
+    gamma: float | None = None  # None: the paper's 0.01 / K
+    m: int = 1  # noise draws per sample
+    bound: str = "none"  # the variance bound ||Sigma|| <= C: none, elementwise (sigma <= C), norm (||sigma||_2 <= C)
+    C: float | None = None
+    random_fraction: float = 0.1  # the `random` ablation: share of pixels that get N(0, 1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 256  # per worker
+    eval_batch_size: int = 512
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    amp: str = "off"
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 1  # epochs between test evaluations (the last epoch always evaluates)
+    log_every: int = 10  # steps between per-step TensorBoard points
+    figure_every: int = 5  # epochs between Figure-4 panels
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # Ray Train restarts after a worker dies
+    fault: str | None = None  # fault injection for drills: "RANK:EPOCH:STEP" exits that rank once
+    init_from: str | None = None  # generator-only: the run dir of the trained base model
+
+
+@dataclass
+class DistConfig:
+    workers: int = 0  # 0: in this process, no Ray; N >= 1: Ray Train with N workers
+    gpu: bool = False
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class RunConfig:
+    out: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vpn: VPNConfig = field(default_factory=VPNConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fault_point(self) -> tuple[int, int, int] | None:
+        if self.train.fault is None:
+            return None
+        rank, epoch, step = (int(v) for v in self.train.fault.split(":"))
+        return rank, epoch, step
+
+
+# ---------------------------------------------------------------- building
+
+
+def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Overlay a (possibly partial) nested dict onto `base`; unknown keys are errors."""
+    cfg = base or RunConfig()
+    for key, value in (data or {}).items():
+        _set(cfg, key, value, from_text=False)
+    return cfg
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return from_dict(_flatten(data or {}), base)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`--set train.lr=0.01 vpn.bound=norm`: values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        _set(cfg, key.strip(), text, from_text=True)
+    return cfg
+
+
+def save_yaml(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _set(cfg: RunConfig, dotted: str, value: Any, from_text: bool) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _set(cfg, f"{dotted}.{key}", sub, from_text)
+        return
+    *path, leaf = dotted.split(".")
+    node: Any = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(node) or part not in _field_types(node):
+            raise UserError(f"unknown config key {dotted!r}; sections are {', '.join(_field_types(cfg))}")
+        node = getattr(node, part)
+    types = _field_types(node)
+    if leaf not in types or dataclasses.is_dataclass(getattr(node, leaf)):
+        allowed = ", ".join(f"{'.'.join(path)}.{k}" if path else k for k in types)
+        raise UserError(f"unknown config key {dotted!r}; allowed keys here: {allowed}")
+    setattr(node, leaf, _coerce(dotted, value, types[leaf], from_text))
+
+
+def _field_types(node: Any) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(node)}
+
+
+def _coerce(key: str, value: Any, type_name: str, from_text: bool) -> Any:
+    if from_text:
+        value = yaml.safe_load(value) if value.strip() else None
+    optional = "None" in type_name
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
+        if optional:
+            return None
+        raise UserError(f"config key {key!r} must be set (type {type_name})")
+    base = type_name.split("|")[0].strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key!r} expects {base}, got {value!r}") from None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value once, before anything starts; return cfg for chaining."""
+    from vpn_dist.models import BASE_MODELS, GENERATORS, is_torchvision_classifier
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise UserError(f"config key {key!r} = {value!r} is not allowed; {allowed}")
+
+    v, t, m, d = cfg.vpn, cfg.train, cfg.model, cfg.dist
+    need(bool(cfg.out), "out", "give the run directory with --out", cfg.out)
+    need(bool(cfg.data.path), "data.path", "give a directory written by `vpn-dist prep` with --data", cfg.data.path)
+    need(v.mode in MODES, "vpn.mode", f"one of {', '.join(MODES)}", v.mode)
+    need(m.base in BASE_MODELS or is_torchvision_classifier(m.base), "model.base",
+         f"one of {', '.join(BASE_MODELS)} or a torchvision classification model name", m.base)
+    need(m.generator in GENERATORS + ("none",), "model.generator", f"one of {', '.join(GENERATORS)}, none", m.generator)
+    if v.mode in ("baseline", "random"):
+        need(m.generator == "none", "model.generator",
+             f"mode {v.mode} trains no generator: use --generator none", m.generator)
+    else:
+        need(m.generator != "none", "model.generator", f"mode {v.mode} needs a generator: {', '.join(GENERATORS)}",
+             m.generator)
+    need(v.gamma is None or (math.isfinite(v.gamma) and v.gamma >= 0), "vpn.gamma", "a number >= 0 (null: 0.01/K)", v.gamma)
+    need(v.m >= 1, "vpn.m", "an integer >= 1", v.m)
+    need(v.bound in BOUNDS, "vpn.bound", f"one of {', '.join(BOUNDS)}", v.bound)
+    if v.bound == "none":
+        need(v.C is None, "vpn.C", "null when vpn.bound is none (set vpn.bound to elementwise or norm)", v.C)
+    else:
+        need(v.C is not None and math.isfinite(v.C) and v.C > 0, "vpn.C", f"a number > 0 with vpn.bound={v.bound}", v.C)
+    need(0 < v.random_fraction <= 1, "vpn.random_fraction", "a fraction in (0, 1]", v.random_fraction)
+    need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size)
+    need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
+    need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    need(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
+    need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", t.lr_schedule)
+    need(t.amp in AMP_MODES, "train.amp", f"one of {', '.join(AMP_MODES)}", t.amp)
+    need(t.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}", t.device)
+    need(not (t.amp == "fp16" and t.device == "cpu"), "train.amp", "bf16 or off on the CPU (fp16 needs a GPU)", t.amp)
+    for key in ("eval_every", "log_every", "figure_every", "keep_checkpoints"):
+        need(getattr(t, key) >= 1, f"train.{key}", "an integer >= 1", getattr(t, key))
+    need(t.max_failures >= -1, "train.max_failures", "an integer >= 0 (or -1: unlimited)", t.max_failures)
+    if t.fault is not None:
+        parts = t.fault.split(":")
+        need(len(parts) == 3 and all(p.isdigit() for p in parts), "train.fault",
+             "RANK:EPOCH:STEP, e.g. 1:1:5 (rank 1 exits at step 5 of epoch 1, once)", t.fault)
+    if v.mode == "generator-only":
+        need(bool(t.init_from), "train.init_from", "the run dir of a trained base model (--init-from RUN_DIR)", t.init_from)
+    need(cfg.data.num_workers >= 1, "data.num_workers", "an integer >= 1", cfg.data.num_workers)
+    need(d.workers >= 0, "dist.workers", "an integer >= 0 (0 runs in this process)", d.workers)
+    need(d.cpus_per_worker >= 1, "dist.cpus_per_worker", "an integer >= 1", d.cpus_per_worker)
+    need(not (d.gpu and t.device == "cpu"), "dist.gpu", "false when train.device is cpu", d.gpu)
+    return cfg

@@ -1,0 +1,135 @@
+"""Start a run: validate, lay out RUN_DIR, then call the train loop here or on Ray Train workers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vpn_dist import checkpoint as ckpt
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, save_yaml, validate
+from vpn_dist.data import Loader, read_meta
+from vpn_dist.errors import UserError
+from vpn_dist.evaluate import evaluate
+from vpn_dist.models import build_base, build_generator
+from vpn_dist.observe import write_json_atomic
+from vpn_dist.train import autocast_for, pick_device, resolved_gamma, train_loop
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run one training job to completion and return its final metrics (what metrics.json holds)."""
+    validate(cfg)
+    meta = read_meta(cfg.data.path)  # fails fast on a missing or unprepared data directory
+    run_dir = Path(cfg.out).resolve()
+    cfg.out, cfg.data.path = str(run_dir), str(Path(cfg.data.path).resolve())
+    if cfg.train.init_from:
+        cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
+    if cfg.vpn.gamma is None:
+        cfg.vpn.gamma = 0.01 / meta["num_classes"]  # the paper's gamma, written out in config.yaml
+    resume_from = None
+    if resume:
+        resume_from = ckpt.latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
+        done = ckpt.load_checkpoint(resume_from)["epoch"]
+        if done >= cfg.train.epochs:
+            raise UserError(f"--resume {run_dir}: the run already completed {done} of {cfg.train.epochs} epochs")
+    elif (run_dir / "config.yaml").exists():
+        raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+
+    config = cfg.to_dict() | {"_resume_from": str(resume_from) if resume_from else None}
+    if cfg.dist.workers == 0:
+        return train_loop(config)
+    run_on_ray(cfg, config)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def run_on_ray(cfg: RunConfig, config: dict[str, Any]) -> None:
+    """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
+
+    With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
+    local Ray bound to 127.0.0.1 and stops it at the end.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+                     num_cpus=max(os.cpu_count() or 1, cfg.dist.workers * cfg.dist.cpus_per_worker))
+    try:
+        run_dir = Path(cfg.out)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config | {"_using_ray": True},
+            scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=cfg.dist.gpu,
+                                         resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if cfg.dist.gpu else "gloo"),
+            run_config=RayRunConfig(
+                name="checkpoints", storage_path=str(run_dir),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def load_run(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    return load_yaml(path)
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
+    """Recompute the test (and validation) metrics from a run's last checkpoint; writes RUN_DIR/eval.json."""
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir)
+    if data_dir:
+        cfg.data.path = str(data_dir)
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        raise UserError(f"run directory {run_dir} has no checkpoint")
+    state = ckpt.load_checkpoint(found)
+    meta = read_meta(cfg.data.path)
+    if tuple(meta["shape"]) != tuple(state["meta"]["shape"]) or meta["num_classes"] != state["meta"]["num_classes"]:
+        raise UserError(f"data {cfg.data.path} has shape {meta['shape']} and {meta['num_classes']} classes; the run "
+                        f"was trained on {state['meta']['shape']} with {state['meta']['num_classes']}")
+    device = pick_device(cfg, using_ray=False)
+    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+    base = build_base(cfg.model.base, shape, num_classes).to(device)
+    base.load_state_dict(state["base"])
+    generator = None
+    if cfg.model.generator != "none":
+        generator = build_generator(cfg.model.generator, shape).to(device)
+        generator.load_state_dict(state["generator"])
+    torch.manual_seed(cfg.train.seed)
+    result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
+    splits = ["val", "test"] if meta["splits"].get("val") else ["test"]
+    for split in splits:
+        batches = Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False, device=device,
+                         num_workers=cfg.data.num_workers, with_mask=bool(meta.get("has_mask")))
+        metrics = evaluate(base, generator, batches, num_classes=num_classes, gamma=resolved_gamma(cfg, num_classes),
+                           bound=cfg.vpn.bound, C=cfg.vpn.C, autocast=autocast_for(cfg.train.amp, device))
+        result.update({f"{split}_{k}": v for k, v in metrics.items()})
+    write_json_atomic(run_dir / "eval.json", result)
+    return result
+
+
+def config_from_args(config_file: str | None, flags: dict[str, Any], overrides: list[str],
+                     base: RunConfig | None = None) -> RunConfig:
+    """defaults < --config FILE < explicit flags < --set key=value."""
+    cfg = load_yaml(config_file, base) if config_file else (base or RunConfig())
+    cfg = from_dict({k: v for k, v in flags.items() if v is not None}, cfg)
+    return apply_overrides(cfg, overrides)

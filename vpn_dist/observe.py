@@ -1,0 +1,101 @@
+"""What a person watches: TensorBoard (rank 0), a console line per epoch, metrics.json, the Figure-4 panel."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    tmp.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def figure4(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, path: Path | None = None):
+    """The paper's Figure 4 for a few images: image, one noise draw, sigma heatmap, image + noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = x.shape[0]
+    fig, axes = plt.subplots(4, n, figsize=(1.6 * n, 6.6), squeeze=False)
+    rows = {"image": x, "noise": eps, "sigma": sigma.mean(dim=1, keepdim=True), "image + noise": x + eps}
+    for r, (title, images) in enumerate(rows.items()):
+        for i in range(n):
+            ax = axes[r][i]
+            img = images[i].detach().float().cpu()
+            if title == "sigma":
+                ax.imshow(img[0], cmap="inferno")
+            elif title == "noise":
+                span = float(img.abs().max()) or 1.0
+                ax.imshow(img.mean(0), cmap="coolwarm", vmin=-span, vmax=span)
+            else:
+                img = img.clamp(0, 1)
+                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(title)
+    fig.tight_layout()
+    if path is not None:
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    return fig
+
+
+class RunLog:
+    """Rank 0 writes; other ranks hold a RunLog that does nothing, so the train loop never branches on rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def step(self, global_step: int, loss: float) -> None:
+        if self.writer:
+            self.writer.add_scalar("train/step_loss", loss, global_step)
+
+    def epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+        self.writer.flush()
+        alg2 = metrics.get("test_acc_alg2")
+        print(f"epoch {epoch:3d} | loss {metrics['train_loss']:.4f} | train acc {metrics['train_acc']:.4f} | "
+              f"test acc alg2 {'-' if alg2 is None else f'{alg2:.4f}'} no-noise {metrics['test_acc_no_noise']:.4f}"
+              f" | {metrics['train_images_per_sec']:.0f} img/s | {metrics['epoch_time_s']:.1f}s", flush=True)
+
+    def figure(self, epoch: int, x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        fig = figure4(x, eps, sigma, self.run_dir / "figure4.png")
+        self.writer.add_figure("figure4", fig, epoch)
+
+    def hparams(self, hparams: dict[str, Any], final: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        scalars = {f"hparam/{k}": v for k, v in final.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self.writer.add_hparams(hparams, scalars, run_name="hparams")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,327 @@
+"""The one train loop: Algorithm 1 with AMP, per-epoch evaluation, checkpoints and metrics.
+
+`train_loop(config)` runs unchanged in this process (world size 1, no Ray) and as a Ray Train worker
+(`torch.distributed` initialised by Ray, DDP over gloo or nccl).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vpn_dist import checkpoint as ckpt
+from vpn_dist.config import RunConfig, from_dict
+from vpn_dist.data import Loader, read_meta
+from vpn_dist.errors import UserError
+from vpn_dist.evaluate import evaluate
+from vpn_dist.method import generate_sigma, random_pixel_noise, sample_noise, vpn_loss
+from vpn_dist.models import build_base, build_generator
+from vpn_dist.observe import RunLog, write_json_atomic
+
+FIGURE_IMAGES = 6
+
+
+def resolved_gamma(cfg: RunConfig, num_classes: int) -> float:
+    return cfg.vpn.gamma if cfg.vpn.gamma is not None else 0.01 / num_classes
+
+
+def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
+    if using_ray and cfg.dist.gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device is cuda but no GPU is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Noise is reseeded per (seed, epoch, rank): a resumed or recovered run replays the same draws."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little")
+
+
+def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
+    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+    base = build_base(cfg.model.base, shape, num_classes)
+    generator = build_generator(cfg.model.generator, shape) if cfg.model.generator != "none" else None
+    if cfg.vpn.mode == "generator-only":
+        trained = ckpt.load_checkpoint(_checkpoint_of(cfg.train.init_from))
+        if trained["config"]["model"]["base"] != cfg.model.base:
+            raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
+                            f"not {cfg.model.base!r}")
+        base.load_state_dict(trained["base"])
+        base.requires_grad_(False)  # paper Table 2: the generator learns on a fixed, trained base model
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    base = base.to(device, memory_format=memory_format)
+    generator = generator.to(device, memory_format=memory_format) if generator is not None else None
+    return base, generator
+
+
+def _checkpoint_of(run_dir: str) -> Path:
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        raise UserError(f"run directory {run_dir} has no checkpoint (expected {run_dir}/checkpoints/epoch_*/)")
+    return found
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
+    t = cfg.train
+    if t.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    if t.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+class Worker:
+    """Where this process stands: rank, world size, and how checkpoints and metrics leave it."""
+
+    def __init__(self, using_ray: bool):
+        self.using_ray = using_ray
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    def restored_checkpoint(self) -> tuple[Path | None, contextlib.AbstractContextManager]:
+        """Ray's latest checkpoint after a worker failure, as a local directory."""
+        if self.using_ray:
+            import ray.train
+
+            found = ray.train.get_checkpoint()
+            if found is not None:
+                holder = found.as_directory()
+                return Path(holder.__enter__()), holder
+        return None, contextlib.nullcontext()
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None, run_dir: Path, keep: int) -> None:
+        """Save rank 0's checkpoint and publish the epoch's metrics (a barrier across workers under Ray)."""
+        name = ckpt.checkpoint_name(metrics["epoch"])
+        if not self.using_ray:
+            if state is not None:
+                ckpt.write_checkpoint(run_dir / "checkpoints" / name, state)
+                ckpt.prune_checkpoints(run_dir, keep)
+            return
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if state is not None:
+                ckpt.write_checkpoint(Path(tmp), state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(_scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def maybe_inject_fault(cfg: RunConfig, run_dir: Path, rank: int, epoch: int, step: int) -> None:
+    """Drills: `train.fault = RANK:EPOCH:STEP` kills that rank's process once (a marker file records it)."""
+    point = cfg.fault_point()
+    marker = run_dir / ".fault_injected"
+    if point == (rank, epoch, step) and not marker.exists():
+        marker.write_text(f"rank {rank} exited at epoch {epoch} step {step}\n")
+        print(f"fault injection: rank {rank} exits at epoch {epoch} step {step}", flush=True)
+        os._exit(1)
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by a RunConfig dict; returns the final metrics (rank 0's are complete)."""
+    using_ray = bool(config.pop("_using_ray", False))
+    resume_from = config.pop("_resume_from", None)
+    cfg = from_dict(config)
+    worker = Worker(using_ray)
+    run_dir = Path(cfg.out)
+    device = pick_device(cfg, using_ray)
+    meta = read_meta(cfg.data.path)
+    num_classes = meta["num_classes"]
+    gamma, m, bound, C = resolved_gamma(cfg, num_classes), cfg.vpn.m, cfg.vpn.bound, cfg.vpn.C
+    mode = cfg.vpn.mode
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    base, generator = build_models(cfg, meta, device)
+    trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
+    optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    autocast = autocast_for(cfg.train.amp, device)
+
+    # Where to start: Ray's checkpoint after a worker failure, else --resume's, else epoch 0.
+    restored, holder = worker.restored_checkpoint()
+    reason = "recovery" if restored else ("resume" if resume_from else "start")
+    with holder:
+        state = ckpt.load_checkpoint(restored or resume_from) if (restored or resume_from) else None
+    start_epoch, history = 0, []
+    if state is not None:
+        base.load_state_dict(state["base"])
+        if generator is not None:
+            generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state["history"]
+    if cfg.vpn.mode == "generator-only":
+        base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too
+
+    # DDP averages gradients of what trains; a frozen base needs no wrapper.
+    ddp = (lambda mod: DistributedDataParallel(mod) if worker.world_size > 1 and mod in trainable else mod)
+    base_step, generator_step = ddp(base), (ddp(generator) if generator is not None else None)
+
+    loader_args = dict(device=device, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                       os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
+    train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
+                           distributed=worker.world_size > 1, augment=cfg.data.augment, **loader_args)
+    eval_splits = ["val", "test"] if meta["splits"].get("val") else ["test"]
+    eval_batches = {split: Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False,
+                                  with_mask=bool(meta.get("has_mask")), **loader_args)
+                    for split in (eval_splits if worker.rank == 0 else [])}
+    log = RunLog(run_dir, enabled=worker.rank == 0)
+    if worker.rank == 0:
+        with open(run_dir / "attempts.jsonl", "a") as attempts:
+            attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
+                                       "world_size": worker.world_size}) + "\n")
+    scaler_skipped = state["scaler_skipped"] if state else 0
+    global_step = start_epoch * len(train_batches)
+    metrics: dict[str, Any] = history[-1] if history else {}
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, worker.rank))
+        train_batches.set_epoch(epoch)
+        for mod in trainable:
+            mod.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        rows = 0
+        epoch_start = time.perf_counter()
+        for step, (x, y) in enumerate(train_batches):
+            maybe_inject_fault(cfg, run_dir, worker.rank, epoch, step)
+            draws = m if generator is not None else 1
+            with autocast:
+                if generator is not None:  # Algorithm 1
+                    sigma = generate_sigma(generator_step, x, y, gamma, bound, C)  # Sigma = f(x + gamma y), <= C
+                    eps = sample_noise(sigma, m)  # eps_ij = sigma_i * e_ij, e_ij ~ N(0, I)
+                    inputs = x.repeat(m, 1, 1, 1) + eps  # the base model sees x + eps, m times
+                elif mode == "random":
+                    inputs = random_pixel_noise(x, cfg.vpn.random_fraction)
+                else:
+                    inputs = x
+                logits = base_step(inputs)
+                loss = vpn_loss(logits, y, draws)  # eq. 17 (plain cross-entropy when draws = 1, no noise)
+            loss_value = loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch} step {step} "
+                                         f"(rank {worker.rank}); lower train.lr or bound sigma with vpn.bound/vpn.C")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
+            scaler.step(optimizer)
+            scaler.update()
+            scaler_skipped += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(dim=1) == y.repeat(draws)).sum() / draws
+            rows += len(y)
+            global_step += 1
+            if global_step % cfg.train.log_every == 0:
+                log.step(global_step, loss_value)
+        scheduler.step()
+        train_time = time.perf_counter() - epoch_start
+
+        metrics = {"epoch": epoch + 1, "train_loss": float(loss_sum) / rows, "train_acc": float(correct) / rows,
+                   "lr": optimizer.param_groups[0]["lr"], "scaler_skipped_steps": scaler_skipped,
+                   "train_images_per_sec": rows * worker.world_size / train_time}
+        last = epoch + 1 == cfg.train.epochs
+        if worker.rank == 0 and (last or (epoch + 1) % cfg.train.eval_every == 0):
+            for split, batches in eval_batches.items():
+                result = evaluate(base, generator, batches, num_classes=num_classes, gamma=gamma, bound=bound, C=C,
+                                  autocast=autocast)
+                metrics.update({f"{split}_{k}": v for k, v in result.items()})
+            if generator is not None and (last or (epoch + 1) % cfg.train.figure_every == 0):
+                log.figure(epoch + 1, *_figure_inputs(generator, eval_batches["test"], gamma, bound, C))
+        metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+        history.append(metrics)
+        log.epoch(epoch + 1, {**metrics, "test_acc_no_noise": metrics.get("test_acc_no_noise", float("nan"))})
+        state = None
+        if worker.rank == 0:
+            state = {"epoch": epoch + 1, "base": base.state_dict(), "optimizer": optimizer.state_dict(),
+                     "generator": generator.state_dict() if generator is not None else None,
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "scaler_skipped": scaler_skipped, "history": history, "config": cfg.to_dict(),
+                     "gamma": gamma, "meta": meta}
+            write_json_atomic(run_dir / "metrics.json", summarize(cfg, history, run_dir))
+        worker.report(metrics, state, run_dir, cfg.train.keep_checkpoints)
+
+    final = summarize(cfg, history, run_dir)
+    if worker.rank == 0:
+        write_json_atomic(run_dir / "metrics.json", final)
+        log.hparams(hparams_of(cfg, gamma), final)
+    log.close()
+    return final
+
+
+def _figure_inputs(generator: nn.Module, batches: Loader, gamma: float, bound: str, C: float | None):
+    x, y = next(iter(batches))[:2]
+    x, y = x[:FIGURE_IMAGES], y[:FIGURE_IMAGES]
+    with torch.no_grad():
+        was_training = generator.training
+        sigma = generate_sigma(generator.eval(), x, y, gamma, bound, C)
+        generator.train(was_training)
+    return x, sample_noise(sigma, 1), sigma
+
+
+def hparams_of(cfg: RunConfig, gamma: float) -> dict[str, Any]:
+    return {"base": cfg.model.base, "generator": cfg.model.generator, "mode": cfg.vpn.mode, "gamma": gamma,
+            "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C if cfg.vpn.C is not None else 0.0,
+            "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "amp": cfg.train.amp,
+            "workers": max(cfg.dist.workers, 1)}
+
+
+def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """metrics.json: the last epoch's figures, the run's totals, how it got here, and the per-epoch history."""
+    last = history[-1]
+    evaluated = [h for h in history if "test_acc_no_noise" in h]
+    latest_eval = evaluated[-1] if evaluated else {}
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines() if line.strip()]
+    resumes = [a for a in attempts if a["reason"] == "resume"]
+    summary = {
+        "test_acc_alg2": latest_eval.get("test_acc_alg2"),
+        "test_acc_no_noise": latest_eval.get("test_acc_no_noise"),
+        "val_acc_alg2": latest_eval.get("val_acc_alg2"),
+        "val_acc_no_noise": latest_eval.get("val_acc_no_noise"),
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "epochs_completed": last["epoch"],
+        "epochs_planned": cfg.train.epochs,
+        "wall_time_s": sum(h["epoch_time_s"] for h in history),  # training + evaluation, over every attempt
+        "train_images_per_sec": sum(h["train_images_per_sec"] for h in history) / len(history),
+        "scaler_skipped_steps": last["scaler_skipped_steps"],
+        "resumed": bool(resumes),
+        "resumed_from_epoch": resumes[-1]["start_epoch"] if resumes else None,
+        "worker_restarts": sum(a["reason"] == "recovery" for a in attempts),
+        "attempts": attempts,
+    }
+    for key in ("test_sigma_mean", "test_sigma_max", "test_sigma_frac_at_bound", "test_sigma_bg_auroc"):
+        if key in latest_eval:
+            summary[key.removeprefix("test_")] = latest_eval[key]
+    summary["history"] = history
+    return summary
