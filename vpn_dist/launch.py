@@ -18,8 +18,11 @@ from vpn_dist.observe import write_json_atomic
 from vpn_dist.train import autocast_for, pick_device, resolved_gamma, train_loop
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Run one training job to completion and return its final metrics (what metrics.json holds)."""
+def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None) -> dict[str, Any]:
+    """Run one training job to completion and return its final metrics (what metrics.json holds).
+
+    `ray_callbacks` go to Ray Train's RunConfig (Tune passes its TuneReportCallback).
+    """
     validate(cfg)
     meta = read_meta(cfg.data.path)  # fails fast on a missing or unprepared data directory
     run_dir = Path(cfg.out).resolve()
@@ -44,11 +47,11 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     config = cfg.to_dict() | {"_resume_from": str(resume_from) if resume_from else None}
     if cfg.dist.workers == 0:
         return train_loop(config)
-    run_on_ray(cfg, config)
+    run_on_ray(cfg, config, ray_callbacks or [])
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def run_on_ray(cfg: RunConfig, config: dict[str, Any]) -> None:
+def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
     """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
 
     With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
@@ -64,7 +67,8 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any]) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
+            ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                      num_cpus=max(os.cpu_count() or 1, cfg.dist.workers * cfg.dist.cpus_per_worker))
     try:
         run_dir = Path(cfg.out)
@@ -75,7 +79,7 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any]) -> None:
                                          resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if cfg.dist.gpu else "gloo"),
             run_config=RayRunConfig(
-                name="checkpoints", storage_path=str(run_dir),
+                name="checkpoints", storage_path=str(run_dir), callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )

@@ -256,6 +256,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 result = evaluate(base, generator, batches, num_classes=num_classes, gamma=gamma, bound=bound, C=C,
                                   autocast=autocast)
                 metrics.update({f"{split}_{k}": v for k, v in result.items()})
+                # one selection metric for every mode: Algorithm 2 where there is a generator
+                metrics[f"{split}_acc"] = result["acc_alg2"] if generator is not None else result["acc_no_noise"]
             if generator is not None and (last or (epoch + 1) % cfg.train.figure_every == 0):
                 log.figure(epoch + 1, *_figure_inputs(generator, eval_batches["test"], gamma, bound, C))
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
@@ -308,6 +310,8 @@ def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> d
         "test_acc_no_noise": latest_eval.get("test_acc_no_noise"),
         "val_acc_alg2": latest_eval.get("val_acc_alg2"),
         "val_acc_no_noise": latest_eval.get("val_acc_no_noise"),
+        "val_acc": latest_eval.get("val_acc"),  # the selection metric (Algorithm 2, or no-noise without generator)
+        "test_acc": latest_eval.get("test_acc"),
         "train_loss": last["train_loss"],
         "train_acc": last["train_acc"],
         "epochs_completed": last["epoch"],
