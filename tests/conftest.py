@@ -1,0 +1,24 @@
+"""Shared fixtures: prepared data directories (converted once per session) and a CLI runner."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import cifar10_dir, fashion_mnist_dir, synthetic_dir  # noqa: F401 - fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
+    """`vpn-dist ARGS` in a fresh process; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "vpn_dist.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vpn-dist {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,88 @@
+"""Every nonsense config value stops the CLI with a message naming the key, and a non-zero exit."""
+import pytest
+
+from vpn_dist.cli import main
+from vpn_dist.config import RunConfig, apply_overrides, load_yaml, validate
+from vpn_dist.errors import UserError
+
+GOOD = ["--base", "dnn3", "--generator", "dnn3", "--mode", "joint", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["--set", "vpn.gamma=-0.1"], "vpn.gamma"),
+    (["--set", "vpn.m=0"], "vpn.m"),
+    (["--set", "vpn.bound=norm", "--set", "vpn.C=0"], "vpn.C"),
+    (["--set", "vpn.bound=elementwise", "--set", "vpn.C=-1"], "vpn.C"),
+    (["--set", "vpn.bound=elementwise"], "vpn.C"),
+    (["--set", "vpn.bound=sphere", "--set", "vpn.C=1"], "vpn.bound"),
+    (["--set", "vpn.C=2"], "vpn.C"),
+    (["--set", "train.batch_size=0"], "train.batch_size"),
+    (["--set", "train.lr=0"], "train.lr"),
+    (["--set", "train.epochs=0"], "train.epochs"),
+    (["--set", "train.amp=fp8"], "train.amp"),
+    (["--set", "train.amp=fp16", "--set", "train.device=cpu"], "train.amp"),
+    (["--set", "train.fault=rank1"], "train.fault"),
+    (["--set", "model.base=resnet99"], "model.base"),
+    (["--set", "model.generator=unet"], "model.generator"),
+    (["--set", "vpn.mode=baseline"], "model.generator"),
+    (["--set", "model.generator=none"], "model.generator"),
+    (["--set", "vpn.mode=generator-only"], "train.init_from"),
+    (["--set", "vpn.m=two"], "vpn.m"),
+    (["--set", "vpn.m=1.5"], "vpn.m"),
+    (["--set", "train.lrr=0.1"], "train.lrr"),
+    (["--set", "nonsense.key=1"], "nonsense.key"),
+    (["--set", "novalue"], "key=value"),
+    (["--workers", "-1"], "dist.workers"),
+])
+def test_bad_config_values_exit_nonzero_naming_the_key(tmp_path, capsys, extra, key):
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *GOOD, *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert key in err and "error" in err
+    assert not (tmp_path / "run").exists(), "nothing is written before the config is valid"
+
+
+def test_unknown_model_and_wrong_mode_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--mode", "jointly", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "jointly" in capsys.readouterr().err
+
+
+def test_missing_data_directory_is_named(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), *GOOD])
+    assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vpn: {m: [1, 2}\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_yaml(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("vpn:\n  sigma: 3\n")
+    with pytest.raises(UserError, match="vpn.sigma"):
+        load_yaml(unknown)
+    with pytest.raises(UserError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_layering_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("vpn:\n  m: 4\n  bound: norm\n  C: 2.5\ntrain:\n  lr: 0.01\n")
+    cfg = apply_overrides(load_yaml(path), ["train.lr=3e-4", "vpn.gamma=null"])
+    assert (cfg.vpn.m, cfg.vpn.bound, cfg.vpn.C, cfg.train.lr, cfg.vpn.gamma) == (4, "norm", 2.5, 3e-4, None)
+    cfg.out, cfg.data.path = "o", "d"
+    assert validate(cfg) is cfg
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    cfg = load_yaml(path)
+    cfg.out, cfg.data.path = cfg.out or "run", cfg.data.path or "data"
+    validate(cfg)
+
+
+def test_defaults_are_the_papers():
+    cfg = RunConfig()
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.vpn.m, cfg.vpn.gamma) == (40, 1e-3, 256, 1, None)
