@@ -62,32 +62,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prep", help="convert a data set to FFCV .beton files")
     prep_cli.add_arguments(prep)
-    prep.set_defaults(run=prep_cli.run)
+    prep.set_defaults(handler=prep_cli.run)
 
     train = sub.add_parser("train", help="train VPN (or an ablation) in this process or on Ray Train workers")
     add_train_arguments(train)
-    train.set_defaults(run=run_train)
+    train.set_defaults(handler=run_train)
 
     evaluate = sub.add_parser("eval", help="recompute a run's test metrics from its last checkpoint")
     evaluate.add_argument("--run", required=True, help="run directory")
     evaluate.add_argument("--data", help="data directory (default: the run's)")
-    evaluate.set_defaults(run=run_eval)
+    evaluate.set_defaults(handler=run_eval)
+
+    from vpn_dist import tune as tune_mod
+
+    tune = sub.add_parser("tune", help="a Ray Tune sweep of VPN runs (ASHA on validation accuracy)")
+    tune_mod.add_arguments(tune)
+    tune.set_defaults(run=tune_mod.run)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     loader = bench_sub.add_parser("loader", help="FFCV loader vs torchvision ImageFolder vs in-memory")
     bench_loader.add_arguments(loader)
-    loader.set_defaults(run=bench_loader.run)
+    loader.set_defaults(handler=bench_loader.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        return args.handler(args) or 0
     except UserError as err:
         print(f"vpn-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged run: say where, without a traceback
+        print(f"vpn-dist {args.command}: training diverged: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
