@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="a Ray Tune sweep of VPN runs (ASHA on validation accuracy)")
     tune_mod.add_arguments(tune)
-    tune.set_defaults(run=tune_mod.run)
+    tune.set_defaults(handler=tune_mod.run)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
