@@ -294,9 +294,10 @@ def run(args: argparse.Namespace) -> int:
             "grace_period": space["grace_period"], "reduction_factor": space["reduction_factor"],
         }
         checked = check_space(space, ctx, out)
+        shown = ", ".join(f"{k} ({v['path']})" for k, v in ctx["datasets"].items())
         ctx["max_epochs"] = max_epochs(space, ctx)
         print(f"space {args.space}: {checked} resolved trial configs are valid; "
-              f"data sets: {', '.join(f'{k} ({v['path']})' for k, v in ctx['datasets'].items())}", flush=True)
+              f"data sets: {shown}", flush=True)
         (out / "trials").mkdir(parents=True, exist_ok=True)
         _write_json(sweep_file, {"space_arg": args.space, "ctx": ctx, "started": time.time()})
     return _run_sweep(space, ctx, out, resume=args.resume, max_concurrent=args.max_concurrent)
