@@ -36,7 +36,8 @@ SPACE_FIELDS = ("description", "data", "axes", "fixed", "samples", "grace_period
 SELECTION_METRICS = ("val_acc", "val_acc_alg2", "val_acc_no_noise")
 RESULT_METRICS = ("val_acc", "val_acc_alg2", "val_acc_no_noise", "test_acc", "test_acc_alg2", "test_acc_no_noise",
                   "train_loss", "train_acc")
-MAX_CHECKED = 3000  # resolved configs checked before the sweep starts
+MAX_CHECKED = 3000
+DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (a logical reservation)  # resolved configs checked before the sweep starts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,11 +188,9 @@ def _candidates(key: str, value: Any, rng: random.Random) -> list[Any]:
         except Exception as err:  # noqa: BLE001 - e.g. tune.sample_from, which needs the whole spec
             raise UserError(f"axis {key!r}: cannot draw a value to check it ({type(err).__name__}: {err}); "
                             f"use tune.choice, tune.grid_search or a tune.uniform/loguniform/randint") from None
-        values = list(drawn) if isinstance(drawn, (list, tuple)) else [drawn]
-        for bound in ("lower", "upper"):
-            edge = getattr(value, bound, None)
-            if edge is not None and bound == "lower":
-                values.append(type(values[0])(edge) if values else edge)
+        values = [v.item() if hasattr(v, "item") else v for v in list(drawn)]  # numpy -> Python numbers
+        if getattr(value, "lower", None) is not None:  # the edge a draw may never hit
+            values.append(type(values[0])(value.lower))
         return values
     if isinstance(value, dict):
         raise UserError(f"axis {key!r}: a nested dict is not an axis; use dotted RunConfig keys (e.g. 'vpn.m')")
@@ -258,9 +257,10 @@ def _scalar(v: Any) -> bool:
 def make_trainable(ctx: dict[str, Any]):
     from ray import tune
 
-    # The trial only drives a Ray Train run (its controller needs no CPU); the Train workers reserve the CPUs
-    # and GPUs, and --max-concurrent keeps the number of drivers to what the cluster can train at once.
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0})
+    # The trial only drives a Ray Train run (it and the Train controller need no CPU); the Train workers reserve
+    # the CPUs and GPUs, and --max-concurrent keeps the number of drivers to what the cluster can train at once.
+    # Ray refuses an empty resource request, so the driver asks for a little memory instead of a CPU.
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0, "memory": DRIVER_MEMORY})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -478,7 +478,7 @@ def write_results(rows: list[dict[str, Any]], ctx: dict[str, Any], out: Path) ->
     write_hparams_for_stopped(rows)
 
     shown = ["trial_id", "data", "arch"] + [c for c in columns if c not in (
-        "trial_id", "data", "arch", "base", "generator", "run_dir", "status", "stop_reason", "epochs_planned",
+        "trial_id", "data", "arch", "base", "generator", "run_dir", "status", "stop_reason", "epochs_planned", "epochs_run",
         *RESULT_METRICS)] + ["val_acc", "val_acc_alg2", "val_acc_no_noise", "test_acc_alg2", "test_acc_no_noise",
                              "epochs_run", "stop_reason"]
     lines = [f"# Sweep `{ctx['space']}`", "",
