@@ -36,15 +36,15 @@ def figure4(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, path: Path 
     for r, (title, images) in enumerate(rows.items()):
         for i in range(n):
             ax = axes[r][i]
-            img = images[i].detach().float().cpu()
+            img = images[i].detach().float().cpu().numpy()
             if title == "sigma":
                 ax.imshow(img[0], cmap="inferno")
             elif title == "noise":
-                span = float(img.abs().max()) or 1.0
+                span = float(abs(img).max()) or 1.0
                 ax.imshow(img.mean(0), cmap="coolwarm", vmin=-span, vmax=span)
             else:
-                img = img.clamp(0, 1)
-                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+                img = img.clip(0, 1)
+                ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_ylabel(title)

@@ -1,0 +1,132 @@
+"""The in-process train loop end to end: run outputs, every mode, resume, eval, and real Fashion-MNIST."""
+import json
+import re
+
+import pytest
+import torch
+
+from vpn_dist.checkpoint import latest_checkpoint, load_checkpoint
+from vpn_dist.cli import main
+
+FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1"]
+
+
+def train(data, out, *extra, mode="joint", base="dnn3", generator="dnn3", epochs=1):
+    rc = main(["train", "--data", str(data), "--base", base, "--generator", generator, "--mode", mode,
+               "--epochs", str(epochs), "--out", str(out), *FAST, *extra])
+    assert rc == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def joint_run(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint") / "run"
+    return out, train(synthetic_dir, out, "--set", "vpn.bound=norm", "--set", "vpn.C=20", epochs=2,
+                      mode="joint")
+
+
+def test_run_directory_layout_and_metrics(joint_run):
+    out, metrics = joint_run
+    for key in ("test_acc_alg2", "test_acc_no_noise", "train_loss", "train_acc", "epochs_completed", "wall_time_s",
+                "train_images_per_sec", "sigma_bg_auroc", "sigma_mean"):
+        assert metrics[key] is not None, key
+    assert metrics["epochs_completed"] == 2 and len(metrics["history"]) == 2
+    assert 0 <= metrics["test_acc_alg2"] <= 1 and metrics["train_images_per_sec"] > 0
+    assert (out / "config.yaml").is_file() and (out / "figure4.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    events = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tb")).Reload().Tags()
+    assert {"train/loss", "test/acc_alg2", "test/acc_no_noise", "test/sigma_mean", "lr"} <= set(tags["scalars"])
+    assert "figure4" in tags["images"]
+    resolved = (out / "config.yaml").read_text()
+    assert "gamma: 0.0025" in resolved, "the paper's gamma = 0.01/K is resolved into config.yaml (K = 4)"
+
+
+def test_eval_recomputes_the_test_metrics(joint_run):
+    out, metrics = joint_run
+    assert main(["eval", "--run", str(out)]) == 0
+    recomputed = json.loads((out / "eval.json").read_text())
+    assert recomputed["epoch"] == 2
+    assert recomputed["test_acc_no_noise"] == metrics["test_acc_no_noise"]  # deterministic rule: exactly equal
+    assert abs(recomputed["test_acc_alg2"] - metrics["test_acc_alg2"]) < 0.05  # fresh noise draws
+
+
+def test_generator_only_leaves_the_base_bitwise_unchanged(synthetic_dir, tmp_path, joint_run):
+    base_run = tmp_path / "baseline"
+    train(synthetic_dir, base_run, mode="baseline", generator="none")
+    before = load_checkpoint(latest_checkpoint(base_run))
+    gen_run = tmp_path / "gen"
+    metrics = train(synthetic_dir, gen_run, "--init-from", str(base_run), mode="generator-only")
+    after = load_checkpoint(latest_checkpoint(gen_run))
+    for name, tensor in before["base"].items():  # parameters and BatchNorm buffers alike
+        assert torch.equal(tensor, after["base"][name]), name
+    gen_before = load_checkpoint(latest_checkpoint(joint_run[0]))["generator"]
+    assert any(not torch.equal(after["generator"][k], v) for k, v in gen_before.items())
+    assert metrics["test_acc_no_noise"] == before["history"][-1]["test_acc_no_noise"]  # same fixed base
+
+
+def test_generator_only_refuses_a_base_of_another_architecture(synthetic_dir, tmp_path, joint_run, capsys):
+    rc = main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3", "--mode",
+               "generator-only", "--init-from", str(joint_run[0]), "--epochs", "1", "--out", str(tmp_path / "g")])
+    assert rc == 2 and "dnn3" in capsys.readouterr().err
+
+
+def test_random_mode_trains_and_reports_no_alg2(synthetic_dir, tmp_path):
+    metrics = train(synthetic_dir, tmp_path / "random", mode="random", generator="none", base="sr")
+    assert metrics["test_acc_alg2"] is None and metrics["test_acc_no_noise"] > 0.3
+
+
+def test_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one(synthetic_dir, tmp_path, cli):
+    args = ["--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3", "--mode", "joint",
+            "--epochs", "2", *FAST]
+    straight = tmp_path / "straight"
+    cli("train", *args, "--out", str(straight))
+    stopped = tmp_path / "stopped"
+    # rank 0 of this process exits hard at step 2 of epoch 1 (0-based): epoch 1 is done, the second is not
+    crashed = cli("train", *args, "--out", str(stopped), "--set", "train.fault=0:1:2", check=False)
+    assert crashed.returncode != 0
+    assert latest_checkpoint(stopped).name == "epoch_0001"
+    assert cli("train", "--resume", str(stopped), check=False).returncode == 0
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 2 and metrics["resumed"] and metrics["resumed_from_epoch"] == 1
+    a, b = load_checkpoint(latest_checkpoint(straight)), load_checkpoint(latest_checkpoint(stopped))
+    for part in ("base", "generator"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name} differs after resume"
+    again = cli("train", "--resume", str(stopped), check=False)
+    assert again.returncode == 2 and "already completed" in again.stderr
+
+
+def test_a_finished_run_directory_is_not_overwritten(synthetic_dir, joint_run, capsys):
+    rc = main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
+               "--epochs", "1", "--out", str(joint_run[0])])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains(synthetic_dir, tmp_path):
+    metrics = train(synthetic_dir, tmp_path / "bf16", "--set", "train.amp=bf16", base="sr")
+    assert metrics["train_loss"] == metrics["train_loss"] and metrics["test_acc_alg2"] is not None
+
+
+def test_non_finite_loss_names_epoch_and_step(synthetic_dir, tmp_path, capsys):
+    rc = main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
+               "--epochs", "1", "--out", str(tmp_path / "nan"), "--set", "train.lr=3e38", "--set",
+               "train.optimizer=sgd", *FAST])
+    assert rc == 1
+    assert re.search(r"non-finite loss .* at epoch 0 step \d+", capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------ real data (CI sets VPN_DATA_ROOT)
+
+
+@pytest.mark.parametrize("mode,generator", [("joint", "dnn3"), ("baseline", "none")])
+def test_fashion_mnist_dnn3_reaches_paper_level_accuracy(fashion_mnist_dir, tmp_path, mode, generator):
+    metrics = train(fashion_mnist_dir, tmp_path / mode, "--set", "train.batch_size=256", "--set",
+                    "data.num_workers=2", mode=mode, generator=generator, epochs=2)
+    # Measured: joint 0.85 by both rules after 2 epochs, baseline 0.85 (the paper reports 81.8 after 40)
+    assert metrics["test_acc_no_noise"] > 0.82
+    if mode == "joint":
+        assert metrics["test_acc_alg2"] > 0.82
