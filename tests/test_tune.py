@@ -34,6 +34,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+def vpn_here(capsys, *argv: str) -> tuple[int, str]:
+    """The CLI in this process, for commands that stop before starting Ray: (exit code, stderr)."""
+    from vpn_dist.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     with open(out / "results.csv") as f:
         return list(csv.DictReader(f))
@@ -162,26 +171,27 @@ def _wait_for_finished_trial(out: Path, driver: subprocess.Popen, timeout: float
     ('SPACE = {"axes": {"arch": tune.grid_search([("dnn3", "dnn3"), ("nosuchnet", "dnn3")])}}', "model.base"),
     ('SPACE = {"axes": {}, "metric": "test_acc"}', "validation metric"),
 ])
-def test_bad_space_fails_before_any_trial(data_dir, tmp_path, body, message):
+def test_bad_space_fails_before_any_trial(data_dir, tmp_path, capsys, body, message):
     space = write_space(tmp_path / "bad.py", body)
     out = tmp_path / "sweep"
-    result = vpn("tune", "--space", str(space), "--data", str(data_dir), "--out", str(out), timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert message in result.stderr
+    code, err = vpn_here(capsys, "tune", "--space", str(space), "--data", str(data_dir), "--out", str(out))
+    assert code == 2 and message in err, err
     assert not (out / "trials").exists() and not (out / "tune").exists()
 
 
-def test_data_without_val_split_and_unknown_space_are_refused(tmp_path):
+def test_data_without_val_split_and_unknown_space_are_refused(tmp_path, capsys):
     no_val = tmp_path / "noval"
-    prep = vpn("prep", "synthetic", "--out", str(no_val), "--train-size", "200", "--test-size", "100",
-               "--classes", "2", "--size", "16x16")
-    assert prep.returncode == 0, prep.stderr
-    result = vpn("tune", "--space", "smoke", "--data", str(no_val), "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "--val N" in result.stderr, result.stderr
-    result = vpn("tune", "--space", "nosuch", "--data", str(no_val), "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "smoke" in result.stderr, result.stderr
-    resume = vpn("tune", "--space", "smoke", "--data", str(no_val), "--out", str(tmp_path / "o"), "--resume")
-    assert resume.returncode == 2 and "no sweep to resume" in resume.stderr, resume.stderr
+    code, err = vpn_here(capsys, "prep", "synthetic", "--out", str(no_val), "--train-size", "200", "--test-size", "100",
+                         "--classes", "2", "--size", "16x16")
+    assert code == 0, err
+    out = str(tmp_path / "o")
+    code, err = vpn_here(capsys, "tune", "--space", "smoke", "--data", str(no_val), "--out", out)
+    assert code == 2 and "--val N" in err, err
+    code, err = vpn_here(capsys, "tune", "--space", "nosuch", "--data", str(no_val), "--out", out)
+    assert code == 2 and "smoke" in err, err
+    code, err = vpn_here(capsys, "tune", "--space", "smoke", "--data", str(no_val), "--out", out, "--resume")
+    assert code == 2 and "no sweep to resume" in err, err
+    assert not Path(out).exists()
 
 
 def test_named_spaces_resolve_on_their_own_data(data_dir, tmp_path):
