@@ -84,16 +84,20 @@ class Loader:
         if self.augment:
             gen = torch.Generator(device=self.device)
             gen.manual_seed((self.seed * 1_000_003 + epoch * 1_009 + self.rank) % (1 << 62))
-        for batch in self._loader:
-            # ffcv reuses its batch buffers: every yielded tensor is a fresh one.
-            x = batch[0].to(torch.float32).div_(255)
-            y = batch[1].reshape(-1).to(torch.int64, copy=True)
-            mask = batch[2].to(torch.float32) if self.with_mask else None
-            if gen is not None:
-                x, mask = flip_and_crop(x, mask, gen)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield (x, y) if mask is None else (x, y, mask)
+        epoch_iter = iter(self._loader)
+        try:
+            for batch in epoch_iter:
+                # ffcv reuses its batch buffers: every yielded tensor is a fresh one.
+                x = batch[0].to(torch.float32).div_(255)
+                y = batch[1].reshape(-1).to(torch.int64, copy=True)
+                mask = batch[2].to(torch.float32) if self.with_mask else None
+                if gen is not None:
+                    x, mask = flip_and_crop(x, mask, gen)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield (x, y) if mask is None else (x, y, mask)
+        finally:  # a loop that breaks early stops ffcv's prefetch thread now, not at garbage collection
+            epoch_iter.close()
 
 
 def flip_and_crop(x, mask, gen, pad: int = 4):

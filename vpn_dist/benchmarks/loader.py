@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagefolder", type=Path, help="the same images as an ImageFolder split (e.g. .../train)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="loader threads/processes for ffcv and ImageFolder")
-    parser.add_argument("--batches", type=int, default=50, help="batches per timed pass")
-    parser.add_argument("--passes", type=int, default=5, help="timed passes (the median is reported)")
+    parser.add_argument("--batches", type=int, default=0,
+                        help="batches per timed pass (default 0: one epoch of the split)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes (the median is reported)")
 
 
 def _one_pass(loader, n_batches: int) -> tuple[int, float]:
@@ -56,11 +57,12 @@ def run(args) -> int:
 
     from vpn_dist.data import Loader, read_meta
 
-    if min(args.batch_size, args.batches, args.passes) < 1 or args.workers < 0:
-        raise UserError("--batch-size, --batches and --passes must be >= 1, --workers >= 0")
+    if min(args.batch_size, args.passes) < 1 or args.batches < 0 or args.workers < 0:
+        raise UserError("--batch-size and --passes must be >= 1, --batches and --workers >= 0")
     meta = read_meta(args.data, args.split)
     rows = []
     ffcv = Loader(args.data, args.split, batch_size=args.batch_size, train=True, num_workers=max(args.workers, 1))
+    args.batches = args.batches or len(ffcv)
     rows.append(("ffcv Loader (vpn_dist.data)", args.workers, measure(ffcv, args.batches, args.passes)))
 
     if args.imagefolder is not None:
