@@ -349,12 +349,14 @@ def _run_sweep(space: dict[str, Any], ctx: dict[str, Any], out: Path, resume: bo
                                           verbose=1))
             print(f"sweep: {ctx['samples']} sample(s) per grid point, {concurrent} trial(s) at a time, "
                   f"{ctx['workers']} Ray Train worker(s) per trial; trial run dirs under {out / 'trials'}", flush=True)
-        grid = tuner.fit()
-        trials = list(grid._experiment_analysis.trials)  # noqa: SLF001 - the statuses ResultGrid does not expose
+        tuner.fit()
+        # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
+        # state keeps the unfinished ones PENDING (what --resume runs).
+        trials = list(tune.ExperimentAnalysis(str(out / "tune")).trials)
+        rows = collect_rows(trials, ctx, out)
     finally:
         if started_here:
             ray.shutdown()
-    rows = collect_rows(trials, ctx, out)
     write_results(rows, ctx, out)
     unfinished = [r for r in rows if r["status"] in ("pending", "running", "paused")]
     if unfinished:
@@ -424,12 +426,19 @@ def _planned_epochs(run_dir: Path, ctx: dict[str, Any]) -> int | None:
 def _short_error(trial) -> str:
     """The exception line of a trial's error (the last `SomeError: message` line of its traceback)."""
     text = ""
-    path = getattr(trial, "error_file", None)
-    try:
-        if path and Path(path).is_file():
-            text = Path(path).read_text()
-    except OSError:
-        pass
+    candidates = []
+    for attr in ("error_file", "path"):
+        try:
+            candidates.append(getattr(trial, attr))
+        except Exception:  # noqa: BLE001 - the paths need a live Ray session and a synced trial
+            continue
+    for path in candidates:
+        path = Path(path) if path else None
+        if path is not None and path.is_dir():
+            path = path / "error.txt"
+        if path is not None and path.is_file():
+            text = path.read_text(errors="replace")
+            break
     if not text:
         text = str(getattr(trial, "error_msg", "") or "unknown error")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -475,6 +484,8 @@ def write_results(rows: list[dict[str, Any]], ctx: dict[str, Any], out: Path) ->
     if len(written) == 1:
         (path,) = written.values()
         (out / "best_config.yaml").write_text(path.read_text())
+    else:  # several groups (or none yet): only the per-group files; drop one left by an earlier, partial pass
+        (out / "best_config.yaml").unlink(missing_ok=True)
     write_hparams_for_stopped(rows)
 
     shown = ["trial_id", "data", "arch"] + [c for c in columns if c not in (
