@@ -125,8 +125,8 @@ def test_non_finite_loss_names_epoch_and_step(synthetic_dir, tmp_path, capsys):
 @pytest.mark.parametrize("mode,generator", [("joint", "dnn3"), ("baseline", "none")])
 def test_fashion_mnist_dnn3_reaches_paper_level_accuracy(fashion_mnist_dir, tmp_path, mode, generator):
     metrics = train(fashion_mnist_dir, tmp_path / mode, "--set", "train.batch_size=256", "--set",
-                    "data.num_workers=2", mode=mode, generator=generator, epochs=2)
-    # Measured: joint 0.85 by both rules after 2 epochs, baseline 0.85 (the paper reports 81.8 after 40)
+                    "data.num_workers=2", mode=mode, generator=generator, epochs=1)
+    # One epoch; measured (see the closing note of issue 2): both modes and both rules above 0.82
     assert metrics["test_acc_no_noise"] > 0.82
     if mode == "joint":
         assert metrics["test_acc_alg2"] > 0.82
