@@ -36,8 +36,8 @@ SPACE_FIELDS = ("description", "data", "axes", "fixed", "samples", "grace_period
 SELECTION_METRICS = ("val_acc", "val_acc_alg2", "val_acc_no_noise")
 RESULT_METRICS = ("val_acc", "val_acc_alg2", "val_acc_no_noise", "test_acc", "test_acc_alg2", "test_acc_no_noise",
                   "train_loss", "train_acc")
-MAX_CHECKED = 3000
-DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (a logical reservation)  # resolved configs checked before the sweep starts
+MAX_CHECKED = 3000  # resolved configs checked before the sweep starts
+DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (a logical reservation)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,8 @@ def load_space(name: str) -> dict[str, Any]:
         space = get_space(name)
     unknown = set(space) - set(SPACE_FIELDS)
     if unknown:
-        raise UserError(f"space {name}: unknown field(s) {', '.join(sorted(unknown))}; fields are {', '.join(SPACE_FIELDS)}")
+        raise UserError(f"space {name}: unknown field(s) {', '.join(sorted(unknown))}; "
+                        f"fields are {', '.join(SPACE_FIELDS)}")
     space.setdefault("axes", {})
     space.setdefault("fixed", {})
     space.setdefault("samples", 1)
@@ -277,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
         if args.space != saved["space_arg"]:
             raise UserError(f"--resume: {out} is a sweep of space {saved['space_arg']!r}, not {args.space!r}")
         space, ctx = load_space(saved["space_arg"]), saved["ctx"]
+        given = {str(Path(d).resolve()) for d in args.data}
+        if given and not given <= {d["path"] for d in ctx["datasets"].values()}:
+            raise UserError(f"--resume: {out} sweeps {', '.join(d['path'] for d in ctx['datasets'].values())}; "
+                            f"a resumed sweep keeps its data sets (drop --data or give the same ones)")
+        print(f"resuming the sweep in {out} with its saved settings ({sweep_file})", flush=True)
     else:
         if sweep_file.exists() or experiment.exists():
             raise UserError(f"{out} already holds a sweep; continue it with --resume or choose another --out")
