@@ -61,6 +61,8 @@ def stop_head(temp_dir: str) -> None:
 
 def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # loopback only, as `vpn_dist.launch.init_ray` does for a local Ray: workers report 127.0.0.1
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
     temp_dir = tempfile.mkdtemp(prefix="vpnray", dir="/tmp")  # short: Ray's socket paths must stay short
     dashboard = free_port()
     head = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",

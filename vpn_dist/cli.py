@@ -56,6 +56,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
     from vpn_dist.benchmarks import loader as bench_loader
+    from vpn_dist.benchmarks import training as bench_training
 
     parser = argparse.ArgumentParser(prog="vpn-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     loader = bench_sub.add_parser("loader", help="FFCV loader vs torchvision ImageFolder vs in-memory")
     bench_loader.add_arguments(loader)
     loader.set_defaults(handler=bench_loader.run)
+    ray_bench = bench_sub.add_parser("ray", help="Ray Train overhead: in-process vs 1 vs 2 workers, same job")
+    bench_training.add_ray_arguments(ray_bench)
+    ray_bench.set_defaults(handler=bench_training.run_ray)
+    train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
+    bench_training.add_train_arguments(train_bench)
+    train_bench.set_defaults(handler=bench_training.run_train)
     return parser
 
 

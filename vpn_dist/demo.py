@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vpn_dist.cli import main as cli
 from vpn_dist.config import RunConfig, from_dict, load_yaml
-from vpn_dist.launch import train
+from vpn_dist.launch import init_ray, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,7 @@ def main() -> int:
             return 1
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")  # one local Ray for both runs
+    init_ray()  # one local Ray for both runs
     try:
         results = {}
         for name, overrides in (("baseline", {"model.generator": "none", "vpn.mode": "baseline"}),

@@ -51,6 +51,24 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def init_ray(num_cpus: int = 0) -> bool:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray on loopback; True when this call connected (the
+    caller then calls ray.shutdown(), which leaves a cluster running and stops a local Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return True
+    # Loopback only: Ray workers (and so DDP's MASTER_ADDR and gloo) use 127.0.0.1, not the host's address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
+    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=max(os.cpu_count() or 1, num_cpus))
+    return True
+
+
 def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
     """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
 
@@ -62,14 +80,7 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
-            ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     num_cpus=max(os.cpu_count() or 1, cfg.dist.workers * cfg.dist.cpus_per_worker))
+    started_here = init_ray(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker)
     try:
         run_dir = Path(cfg.out)
         trainer = TorchTrainer(
