@@ -323,15 +323,10 @@ def _run_sweep(space: dict[str, Any], ctx: dict[str, Any], out: Path, resume: bo
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from vpn_dist.launch import init_ray
+
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
-    started_here = not ray.is_initialized()
-    if started_here:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-            ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                     num_cpus=max(os.cpu_count() or 1, ctx["workers"] * ctx["cpus_per_worker"]))
+    started_here = init_ray(num_cpus=ctx["workers"] * ctx["cpus_per_worker"])
     try:
         trainable = make_trainable(ctx)
         if resume:
