@@ -86,3 +86,9 @@ def test_every_shipped_config_is_valid(path):
 def test_defaults_are_the_papers():
     cfg = RunConfig()
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.vpn.m, cfg.vpn.gamma) == (40, 1e-3, 256, 1, None)
+
+
+def test_set_keeps_strings_as_typed():
+    cfg = apply_overrides(RunConfig(), ["train.fault=1:1:3", "model.base=resnet18", "train.init_from=null"])
+    assert (cfg.train.fault, cfg.model.base, cfg.train.init_from) == ("1:1:3", "resnet18", None)
+    assert cfg.fault_point() == (1, 1, 3)

@@ -32,7 +32,7 @@ def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     starts = [a["start_epoch"] for a in metrics["attempts"]]
     assert starts == [0, 1], "the restart resumed from the last completed epoch: at most one epoch redone"
     assert all(a["world_size"] == 2 for a in metrics["attempts"])
-    assert metrics["test_acc_alg2"] > 0.35 and metrics["test_acc_no_noise"] > 0.35  # chance is 0.25
+    assert metrics["test_acc_alg2"] > 0.3 and metrics["test_acc_no_noise"] > 0.3  # chance is 0.25
     # in line with an uninterrupted 2-worker run (noise draws differ only in the redone partial epoch)
     clean = tmp_path / "clean"
     cli("train", *args, "--out", str(clean), timeout=600)

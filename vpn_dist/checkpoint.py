@@ -41,6 +41,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that reads back whole; one cut short by a crash is skipped."""
+    found = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    for directory in reversed(found):
+        try:
+            return load_checkpoint(directory)
+        except UserError as err:
+            print(f"skipping checkpoint {directory}: {err}", flush=True)
+    return None
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (Ray's CheckpointConfig does this under Ray)."""
     found = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))

@@ -168,14 +168,15 @@ def _field_types(node: Any) -> dict[str, str]:
 
 
 def _coerce(key: str, value: Any, type_name: str, from_text: bool) -> Any:
-    if from_text:
-        value = yaml.safe_load(value) if value.strip() else None
     optional = "None" in type_name
+    base = type_name.split("|")[0].strip()
+    if from_text:  # strings stay as typed (YAML would read 1:1:3 as the base-60 number 3663)
+        text = value.strip()
+        value = text if base == "str" and text.lower() not in ("", "null", "none", "~") else yaml.safe_load(text or "~")
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
         if optional:
             return None
         raise UserError(f"config key {key!r} must be set (type {type_name})")
-    base = type_name.split("|")[0].strip()
     try:
         if base == "bool":
             if isinstance(value, bool):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,18 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
         cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
     if cfg.vpn.gamma is None:
         cfg.vpn.gamma = 0.01 / meta["num_classes"]  # the paper's gamma, written out in config.yaml
-    resume_from = None
     if resume:
-        resume_from = ckpt.latest_checkpoint(run_dir)
-        if resume_from is None:
+        done = ckpt.load_latest(run_dir)
+        if done is None:
             raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
-        done = ckpt.load_checkpoint(resume_from)["epoch"]
-        if done >= cfg.train.epochs:
-            raise UserError(f"--resume {run_dir}: the run already completed {done} of {cfg.train.epochs} epochs")
-    elif (run_dir / "config.yaml").exists():
+        if done["epoch"] >= cfg.train.epochs:
+            raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of {cfg.train.epochs} epochs")
+    elif (run_dir / "config.yaml").exists() or ckpt.latest_checkpoint(run_dir):
         raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
 
-    config = cfg.to_dict() | {"_resume_from": str(resume_from) if resume_from else None}
+    config = cfg.to_dict() | {"_invocation": uuid.uuid4().hex}
     if cfg.dist.workers == 0:
         return train_loop(config)
     run_on_ray(cfg, config, ray_callbacks or [])

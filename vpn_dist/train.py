@@ -104,17 +104,6 @@ class Worker:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
 
-    def restored_checkpoint(self) -> tuple[Path | None, contextlib.AbstractContextManager]:
-        """Ray's latest checkpoint after a worker failure, as a local directory."""
-        if self.using_ray:
-            import ray.train
-
-            found = ray.train.get_checkpoint()
-            if found is not None:
-                holder = found.as_directory()
-                return Path(holder.__enter__()), holder
-        return None, contextlib.nullcontext()
-
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None, run_dir: Path, keep: int) -> None:
         """Save rank 0's checkpoint and publish the epoch's metrics (a barrier across workers under Ray)."""
         name = ckpt.checkpoint_name(metrics["epoch"])
@@ -150,7 +139,7 @@ def maybe_inject_fault(cfg: RunConfig, run_dir: Path, rank: int, epoch: int, ste
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train one run described by a RunConfig dict; returns the final metrics (rank 0's are complete)."""
     using_ray = bool(config.pop("_using_ray", False))
-    resume_from = config.pop("_resume_from", None)
+    invocation = config.pop("_invocation", None)  # one id per `vpn-dist train` call, shared by its restarts
     cfg = from_dict(config)
     worker = Worker(using_ray)
     run_dir = Path(cfg.out)
@@ -168,10 +157,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     autocast = autocast_for(cfg.train.amp, device)
 
     # Where to start: Ray's checkpoint after a worker failure, else --resume's, else epoch 0.
-    restored, holder = worker.restored_checkpoint()
-    reason = "recovery" if restored else ("resume" if resume_from else "start")
-    with holder:
-        state = ckpt.load_checkpoint(restored or resume_from) if (restored or resume_from) else None
+    # Where to start: the run directory's newest checkpoint. One rule serves --resume (a new invocation) and
+    # recovery after a worker failure (Ray restarts this function in the same invocation), in and out of Ray.
+    state = ckpt.load_latest(run_dir)
+    earlier = _read_attempts(run_dir)
+    reason = "start" if state is None else (
+        "recovery" if any(a.get("invocation") == invocation for a in earlier) else "resume")
     start_epoch, history = 0, []
     if state is not None:
         base.load_state_dict(state["base"])
@@ -200,7 +191,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if worker.rank == 0:
         with open(run_dir / "attempts.jsonl", "a") as attempts:
             attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
-                                       "world_size": worker.world_size}) + "\n")
+                                       "world_size": worker.world_size, "invocation": invocation}) + "\n")
     scaler_skipped = state["scaler_skipped"] if state else 0
     global_step = start_epoch * len(train_batches)
     metrics: dict[str, Any] = history[-1] if history else {}
@@ -291,6 +282,11 @@ def _figure_inputs(generator: nn.Module, batches: Loader, gamma: float, bound: s
     return x, sample_noise(sigma, 1), sigma
 
 
+def _read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def hparams_of(cfg: RunConfig, gamma: float) -> dict[str, Any]:
     return {"base": cfg.model.base, "generator": cfg.model.generator, "mode": cfg.vpn.mode, "gamma": gamma,
             "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C if cfg.vpn.C is not None else 0.0,
@@ -303,7 +299,7 @@ def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> d
     last = history[-1]
     evaluated = [h for h in history if "test_acc_no_noise" in h]
     latest_eval = evaluated[-1] if evaluated else {}
-    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines() if line.strip()]
+    attempts = _read_attempts(run_dir)
     resumes = [a for a in attempts if a["reason"] == "resume"]
     summary = {
         "test_acc_alg2": latest_eval.get("test_acc_alg2"),
