@@ -78,9 +78,9 @@ class RunLog:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(key.replace("_", "/", 1), value, epoch)
         self.writer.flush()
-        alg2 = metrics.get("test_acc_alg2")
+        shown = lambda key: "-" if metrics.get(key) is None else f"{metrics[key]:.4f}"  # noqa: E731
         print(f"epoch {epoch:3d} | loss {metrics['train_loss']:.4f} | train acc {metrics['train_acc']:.4f} | "
-              f"test acc alg2 {'-' if alg2 is None else f'{alg2:.4f}'} no-noise {metrics['test_acc_no_noise']:.4f}"
+              f"test acc alg2 {shown('test_acc_alg2')} no-noise {shown('test_acc_no_noise')}"
               f" | {metrics['train_images_per_sec']:.0f} img/s | {metrics['epoch_time_s']:.1f}s", flush=True)
 
     def figure(self, epoch: int, x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> None:

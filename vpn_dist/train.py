@@ -156,7 +156,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     autocast = autocast_for(cfg.train.amp, device)
 
-    # Where to start: Ray's checkpoint after a worker failure, else --resume's, else epoch 0.
     # Where to start: the run directory's newest checkpoint. One rule serves --resume (a new invocation) and
     # recovery after a worker failure (Ray restarts this function in the same invocation), in and out of Ray.
     state = ckpt.load_latest(run_dir)
@@ -194,7 +193,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                        "world_size": worker.world_size, "invocation": invocation}) + "\n")
     scaler_skipped = state["scaler_skipped"] if state else 0
     global_step = start_epoch * len(train_batches)
-    metrics: dict[str, Any] = history[-1] if history else {}
 
     for epoch in range(start_epoch, cfg.train.epochs):
         torch.manual_seed(epoch_seed(cfg.train.seed, epoch, worker.rank))
@@ -253,7 +251,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 log.figure(epoch + 1, *_figure_inputs(generator, eval_batches["test"], gamma, bound, C))
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         history.append(metrics)
-        log.epoch(epoch + 1, {**metrics, "test_acc_no_noise": metrics.get("test_acc_no_noise", float("nan"))})
+        log.epoch(epoch + 1, metrics)
         state = None
         if worker.rank == 0:
             state = {"epoch": epoch + 1, "base": base.state_dict(), "optimizer": optimizer.state_dict(),
