@@ -1,7 +1,13 @@
 """Shared fixtures: prepared data directories (converted once per session) and a CLI runner."""
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# Local Ray clusters started in this process stay on loopback, even when a test imported Ray first
+# (vpn_dist.launch.init_ray sets the same, but only takes effect before Ray's first import).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import pytest
 

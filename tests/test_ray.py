@@ -31,7 +31,7 @@ def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     assert metrics["epochs_completed"] == 2 and metrics["worker_restarts"] == 1
     starts = [a["start_epoch"] for a in metrics["attempts"]]
     assert starts == [0, 1], "the restart resumed from the last completed epoch: at most one epoch redone"
-    assert all(a["world_size"] == 2 for a in metrics["attempts"])
+    assert all(a["world_size"] == 2 and a["master_addr"] == "127.0.0.1" for a in metrics["attempts"]), "loopback"
     assert metrics["test_acc_alg2"] > 0.3 and metrics["test_acc_no_noise"] > 0.3  # chance is 0.25
     # in line with an uninterrupted 2-worker run (noise draws differ only in the redone partial epoch)
     clean = tmp_path / "clean"
@@ -82,6 +82,7 @@ def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
         assert "succeeded" in submit.stdout.lower()
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["epochs_completed"] == 1 and metrics["attempts"][0]["world_size"] == 2
+        assert metrics["attempts"][0]["master_addr"] == "127.0.0.1"
         assert list((out / "tb").rglob("events.out.tfevents.*"))
     finally:
         stop_head(temp_dir)

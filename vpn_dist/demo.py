@@ -21,9 +21,9 @@ def main() -> int:
     if not (data / "meta.json").exists():
         if cli(["prep", "synthetic", "--out", str(data), "--val", "500", "--seed", "0"]) != 0:
             return 1
+    init_ray()  # one local Ray for both runs
     import ray
 
-    init_ray()  # one local Ray for both runs
     try:
         results = {}
         for name, overrides in (("baseline", {"model.generator": "none", "vpn.mode": "baseline"}),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,19 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
 def init_ray(num_cpus: int = 0) -> bool:
     """Join the cluster at RAY_ADDRESS, or start a local Ray on loopback; True when this call connected (the
     caller then calls ray.shutdown(), which leaves a cluster running and stops a local Ray)."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:  # set before Ray is imported: it reads these once, and its workers inherit them
+        # Loopback only: Ray workers (and so DDP's MASTER_ADDR and gloo) use 127.0.0.1, not the host's address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
     import ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init()
         return True
-    # Loopback only: Ray workers (and so DDP's MASTER_ADDR and gloo) use 127.0.0.1, not the host's address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
     ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=max(os.cpu_count() or 1, num_cpus))
     return True
 
@@ -74,12 +77,12 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
     With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
     local Ray bound to 127.0.0.1 and stops it at the end.
     """
+    started_here = init_ray(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker)  # before Ray is imported
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started_here = init_ray(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker)
     try:
         run_dir = Path(cfg.out)
         trainer = TorchTrainer(

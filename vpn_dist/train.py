@@ -190,7 +190,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if worker.rank == 0:
         with open(run_dir / "attempts.jsonl", "a") as attempts:
             attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
-                                       "world_size": worker.world_size, "invocation": invocation}) + "\n")
+                                       "world_size": worker.world_size, "invocation": invocation,
+                                       "master_addr": os.environ.get("MASTER_ADDR")}) + "\n")
     scaler_skipped = state["scaler_skipped"] if state else 0
     global_step = start_epoch * len(train_batches)
 

@@ -319,14 +319,13 @@ def max_epochs(space: dict[str, Any], ctx: dict[str, Any]) -> int:
 
 
 def _run_sweep(space: dict[str, Any], ctx: dict[str, Any], out: Path, resume: bool, max_concurrent: int | None) -> int:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     from vpn_dist.launch import init_ray
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
-    started_here = init_ray(num_cpus=ctx["workers"] * ctx["cpus_per_worker"])
+    started_here = init_ray(num_cpus=ctx["workers"] * ctx["cpus_per_worker"])  # before Ray's import: loopback
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
     try:
         trainable = make_trainable(ctx)
         if resume:

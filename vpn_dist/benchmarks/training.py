@@ -65,8 +65,6 @@ def dataset(args: argparse.Namespace, tmp: Path) -> str:
 
 
 def run_ray(args: argparse.Namespace) -> int:
-    import ray
-
     from vpn_dist.launch import init_ray, train
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -74,6 +72,8 @@ def run_ray(args: argparse.Namespace) -> int:
         data = dataset(args, tmp)
         rows = [("in-process", throughput(train(job(args, data, tmp / "inproc", 0))))]
         init_ray()  # start-up is not timed
+        import ray
+
         try:
             for workers in range(1, args.max_workers + 1):
                 rows.append((f"Ray Train, {workers} worker{'s' * (workers > 1)}",
