@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import io
-import json
 import pickle
 import subprocess
 import sys
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import cifar10_dir, fashion_mnist_dir, synthetic_dir  # noqa: F401 (fixtures)
 from data_prep.sources import FASHION_MNIST_CLASSES
 from vpn_dist.cli import main
 from vpn_dist.data import Loader, read_meta

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import synthetic_dir  # noqa: F401 (fixture)
 from data_prep.write import SourceData, write_dataset
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError

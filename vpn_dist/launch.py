@@ -15,9 +15,8 @@ from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, sa
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError
 from vpn_dist.evaluate import evaluate
-from vpn_dist.models import build_base, build_generator
 from vpn_dist.observe import write_json_atomic
-from vpn_dist.train import autocast_for, pick_device, resolved_gamma, train_loop
+from vpn_dist.train import autocast_for, build_models, pick_device, resolved_gamma, train_loop
 
 
 def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None) -> dict[str, Any]:
@@ -124,12 +123,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
         raise UserError(f"data {cfg.data.path} has shape {meta['shape']} and {meta['num_classes']} classes; the run "
                         f"was trained on {state['meta']['shape']} with {state['meta']['num_classes']}")
     device = pick_device(cfg, using_ray=False)
-    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
-    base = build_base(cfg.model.base, shape, num_classes).to(device)
+    num_classes = meta["num_classes"]
+    base, generator = build_models(cfg, meta, device)
     base.load_state_dict(state["base"])
-    generator = None
-    if cfg.model.generator != "none":
-        generator = build_generator(cfg.model.generator, shape).to(device)
+    if generator is not None:
         generator.load_state_dict(state["generator"])
     torch.manual_seed(cfg.train.seed)
     result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}

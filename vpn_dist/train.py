@@ -59,20 +59,24 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
+    """The run's base model and generator (None without one), on the device in the configured memory format."""
     shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
-    base = build_base(cfg.model.base, shape, num_classes)
-    generator = build_generator(cfg.model.generator, shape) if cfg.model.generator != "none" else None
-    if cfg.vpn.mode == "generator-only":
-        trained = ckpt.load_checkpoint(_checkpoint_of(cfg.train.init_from))
-        if trained["config"]["model"]["base"] != cfg.model.base:
-            raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
-                            f"not {cfg.model.base!r}")
-        base.load_state_dict(trained["base"])
-        base.requires_grad_(False)  # paper Table 2: the generator learns on a fixed, trained base model
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    base = base.to(device, memory_format=memory_format)
-    generator = generator.to(device, memory_format=memory_format) if generator is not None else None
+    base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
+    generator = None
+    if cfg.model.generator != "none":
+        generator = build_generator(cfg.model.generator, shape).to(device, memory_format=memory_format)
     return base, generator
+
+
+def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
+    """generator-only (paper Table 2): the base comes trained from --init-from and stays fixed."""
+    trained = ckpt.load_checkpoint(_checkpoint_of(cfg.train.init_from))
+    if trained["config"]["model"]["base"] != cfg.model.base:
+        raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
+                        f"not {cfg.model.base!r}")
+    base.load_state_dict(trained["base"])
+    base.requires_grad_(False)
 
 
 def _checkpoint_of(run_dir: str) -> Path:
@@ -151,6 +155,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     base, generator = build_models(cfg, meta, device)
+    if mode == "generator-only":
+        load_trained_base(cfg, base)
     trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
     optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
@@ -171,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
-    if cfg.vpn.mode == "generator-only":
+    if mode == "generator-only":
         base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too
 
     # DDP averages gradients of what trains; a frozen base needs no wrapper.
