@@ -1,13 +1,12 @@
 """Shared fixtures: prepared data directories (converted once per session) and a CLI runner."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-# Local Ray clusters started in this process stay on loopback, even when a test imported Ray first
-# (vpn_dist.launch.init_ray sets the same, but only takes effect before Ray's first import).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+from vpn_dist.launch import local_ray_environment
+
+# Local Ray clusters started in this process stay on loopback, even when a test imports Ray first.
+local_ray_environment()
 
 import pytest
 

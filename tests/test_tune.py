@@ -88,6 +88,8 @@ def test_smoke_sweep_end_to_end_and_best_config_trains(data_dir, tmp_path):
         run_dir = out / "trials" / row["trial_id"]
         assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
         assert (run_dir / "tb" / "hparams").is_dir(), "every trial shows up in TensorBoard's HParams view"
+        attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+        assert all(a["master_addr"] == "127.0.0.1" for a in attempts), "a local sweep stays on loopback"
     md = (out / "results.md").read_text()
     assert "Best trial per data set x architecture" in md and "tensorboard --logdir" in md
 

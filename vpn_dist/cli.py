@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vpn_dist.config import MODES
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not os.environ.get("RAY_ADDRESS"):  # no cluster to join: any Ray we start stays on loopback
+        from vpn_dist.launch import local_ray_environment
+
+        local_ray_environment()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0

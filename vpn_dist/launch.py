@@ -50,17 +50,22 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def local_ray_environment() -> None:
+    """Keep a local Ray on loopback: its workers, and so DDP's MASTER_ADDR and gloo, use 127.0.0.1 instead of the
+    host's address. Ray reads these when it is first imported, so the CLI calls this before anything imports Ray."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
+
+
 def init_ray(num_cpus: int = 0) -> bool:
     """Join the cluster at RAY_ADDRESS, or start a local Ray on loopback; True when this call connected (the
     caller then calls ray.shutdown(), which leaves a cluster running and stops a local Ray)."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
     local = not os.environ.get("RAY_ADDRESS")
-    if local:  # set before Ray is imported: it reads these once, and its workers inherit them
-        # Loopback only: Ray workers (and so DDP's MASTER_ADDR and gloo) use 127.0.0.1, not the host's address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
+    if local:
+        local_ray_environment()
     import ray
 
     if not local:
