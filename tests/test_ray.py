@@ -41,6 +41,16 @@ def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     assert (out / "tb").is_dir() and list((out / "checkpoints").glob("epoch_0002/state.pt"))
 
 
+def test_a_diverged_ray_run_exits_1_naming_epoch_and_step(synthetic_dir, tmp_path, cli):
+    proc = cli("train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
+               "--epochs", "1", "--out", str(tmp_path / "nan"), "--workers", "2", "--set", "train.lr=3e38",
+               "--set", "train.optimizer=sgd", "--set", "train.batch_size=100", check=False, timeout=600)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vpn-dist train: error: the Ray Train run failed: rank 0: non-finite loss"), last
+    assert "at epoch 0 step" in last and "--resume" not in last  # no checkpoint to resume from
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import os
 import sys
 
 from vpn_dist.config import MODES
-from vpn_dist.errors import UserError
+from vpn_dist.errors import TrainingFailed, UserError
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as err:  # a diverged run: say where, without a traceback
         print(f"vpn-dist {args.command}: training diverged: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailed as err:
+        print(f"vpn-dist {args.command}: error: {err}", file=sys.stderr)
         return 1
 
 

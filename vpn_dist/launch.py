@@ -13,7 +13,7 @@ import torch
 from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, save_yaml, validate
 from vpn_dist.data import Loader, read_meta
-from vpn_dist.errors import UserError
+from vpn_dist.errors import TrainingFailed, UserError
 from vpn_dist.evaluate import evaluate
 from vpn_dist.observe import write_json_atomic
 from vpn_dist.train import autocast_for, build_models, pick_device, resolved_gamma, train_loop
@@ -100,10 +100,25 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            hint = (f"\nits checkpoints are kept: continue with `vpn-dist train --resume {run_dir}`"
+                    if ckpt.latest_checkpoint(run_dir) else "")
+            raise TrainingFailed(f"the Ray Train run failed: {_worker_errors(err)}{hint}") from None
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _worker_errors(err: Exception) -> str:
+    """One line per failed rank (the last line of its traceback), instead of Ray's full report."""
+    failures = getattr(err, "worker_failures", None) or {"controller": getattr(err, "controller_failure", err)}
+    lines = []
+    for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
+        text = [line for line in str(failure).splitlines() if line.strip()]
+        lines.append(f"rank {rank}: {text[-1].strip() if text else type(failure).__name__}")
+    return "; ".join(lines)
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
