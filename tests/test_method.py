@@ -147,3 +147,16 @@ def test_any_torchvision_classifier_by_name_and_a_clear_error_when_it_does_not_f
         assert net(torch.rand(2, 1, 32, 32)).shape == (2, 4)
     with pytest.raises(UserError, match="does not accept"):
         build_base("vit_b_16", (3, 32, 32), 4)
+
+
+def test_background_auroc_matches_the_pairwise_definition():
+    from vpn_dist.evaluate import background_auroc
+
+    torch.manual_seed(0)
+    sigma = torch.rand(3, 6, 6).round(decimals=1)  # ties on purpose
+    background = torch.rand(3, 6, 6) < 0.6
+    pos, neg = sigma[background], sigma[~background]
+    pairwise = ((pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()).mean()
+    assert background_auroc(sigma, background) == pytest.approx(float(pairwise), abs=1e-6)
+    assert background_auroc(background.float(), background) == 1.0  # all the noise on the background
+    assert background_auroc(1 - background.float(), background) == 0.0  # all of it on the object
