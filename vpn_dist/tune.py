@@ -30,6 +30,7 @@ import yaml
 
 from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
 from vpn_dist.errors import UserError
+from vpn_dist.observe import write_json_atomic
 
 SPECIAL_AXES = ("arch", "vpn.bound_C", "vpn.gamma_scale")
 SPACE_FIELDS = ("description", "data", "axes", "fixed", "samples", "grace_period", "reduction_factor", "metric")
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"space {args.space}: {checked} resolved trial configs are valid; "
               f"data sets: {shown}", flush=True)
         (out / "trials").mkdir(parents=True, exist_ok=True)
-        _write_json(sweep_file, {"space_arg": args.space, "ctx": ctx, "started": time.time()})
+        write_json_atomic(sweep_file, {"space_arg": args.space, "ctx": ctx, "started": time.time()})
     return _run_sweep(space, ctx, out, resume=args.resume, max_concurrent=args.max_concurrent)
 
 
@@ -530,6 +531,7 @@ def write_hparams_for_stopped(rows: list[dict[str, Any]]) -> None:
     """Runs that ASHA stopped (or that failed after an epoch) never reached the train loop's HParams summary:
     write it here so TensorBoard's HParams view compares every trial."""
     from vpn_dist.config import load_yaml
+    from vpn_dist.observe import RunLog
     from vpn_dist.train import hparams_of
 
     for row in rows:
@@ -539,13 +541,10 @@ def write_hparams_for_stopped(rows: list[dict[str, Any]]) -> None:
         summary = _read_json(run_dir / "metrics.json")
         if not summary:
             continue
-        from torch.utils.tensorboard import SummaryWriter
-
         cfg = load_yaml(run_dir / "config.yaml")
-        scalars = {f"hparam/{k}": v for k, v in summary.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        with SummaryWriter(str(run_dir / "tb")) as writer:
-            writer.add_hparams(hparams_of(cfg, cfg.vpn.gamma or 0.0), scalars, run_name="hparams")
+        log = RunLog(run_dir, enabled=True)
+        log.hparams(hparams_of(cfg, cfg.vpn.gamma or 0.0), summary)
+        log.close()
 
 
 def _fmt(value: Any) -> str:
@@ -568,10 +567,3 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
