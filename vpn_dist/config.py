@@ -53,13 +53,16 @@ class TrainConfig:
     eval_batch_size: int = 512
     lr: float = 1e-3
     optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only (the authors' code: 0.9); 0 is plain SGD
     weight_decay: float = 0.0
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # constant, or cosine over train.epochs (stepped per epoch, as the authors')
     amp: str = "off"
     channels_last: bool = False
     device: str = "auto"
     seed: int = 0
     eval_every: int = 1  # epochs between test evaluations (the last epoch always evaluates)
+    epoch_eval_images: int = 500  # per-epoch curves use this fixed random subset of each split (0: all);
+    # the last epoch always evaluates every image by both rules
     log_every: int = 10  # steps between per-step TensorBoard points
     figure_every: int = 5  # epochs between Figure-4 panels
     keep_checkpoints: int = 2
@@ -73,6 +76,7 @@ class DistConfig:
     workers: int = 0  # 0: in this process, no Ray; N >= 1: Ray Train with N workers
     gpu: bool = False
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with dist.gpu: a fraction lets small runs share a GPU (e.g. 0.25: four per GPU)
 
 
 @dataclass
@@ -232,6 +236,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size)
     need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    need(t.epoch_eval_images >= 0, "train.epoch_eval_images", "an integer >= 0 (0: every image)", t.epoch_eval_images)
     need(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", t.lr_schedule)
     need(t.amp in AMP_MODES, "train.amp", f"one of {', '.join(AMP_MODES)}", t.amp)
@@ -248,6 +254,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(bool(t.init_from), "train.init_from", "the run dir of a trained base model (--init-from RUN_DIR)", t.init_from)
     need(cfg.data.num_workers >= 1, "data.num_workers", "an integer >= 1", cfg.data.num_workers)
     need(d.workers >= 0, "dist.workers", "an integer >= 0 (0 runs in this process)", d.workers)
+    need(0 < d.gpus_per_worker <= 1 or float(d.gpus_per_worker).is_integer(), "dist.gpus_per_worker",
+         "a fraction in (0, 1] or a whole number of GPUs", d.gpus_per_worker)
     need(d.cpus_per_worker >= 1, "dist.cpus_per_worker", "an integer >= 1", d.cpus_per_worker)
     need(not (d.gpu and t.device == "cpu"), "dist.gpu", "false when train.device is cpu", d.gpu)
     return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vpn_dist.errors import UserError
@@ -40,7 +41,7 @@ class Loader:
 
     def __init__(self, data_dir, split, *, batch_size, train: bool, device="cpu", seed=0, distributed=False,
                  num_workers=2, os_cache=True, channels_last=False, augment=False, with_mask=False,
-                 drop_last=False):
+                 drop_last=False, indices=None):
         from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader as FFCVLoader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -68,7 +69,8 @@ class Loader:
         self._loader = FFCVLoader(
             str(Path(data_dir) / f"{split}.beton"), batch_size=batch_size, num_workers=num_workers,
             os_cache=os_cache, order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-            distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last)
+            distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
+            indices=None if indices is None else np.asarray(indices))
         order = len(self._loader.first_traversal_order)
         self.num_samples = min(order, len(self._loader) * batch_size)
 

@@ -2,12 +2,47 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from vpn_dist.method import alg2_predict, bound_sigma, condition, predict_no_noise
+
+SUBSET_SEED = 0  # one fixed subset per split, the same in every run, so curves compare across runs
+
+
+def eval_loaders(cfg, meta: dict[str, Any], device: torch.device, images: int = 0) -> dict:
+    """Loaders over the val (when prepared) and test splits, in file order; `images` > 0 keeps a fixed random
+    subset of that many images per split (a random one: test sets stored class by class would otherwise give
+    one class)."""
+    from vpn_dist.data import Loader
+
+    loaders = {}
+    for split in (["val", "test"] if meta["splits"].get("val") else ["test"]):
+        n = meta["splits"][split]
+        indices = None
+        if 0 < images < n:
+            indices = np.sort(np.random.default_rng(SUBSET_SEED).choice(n, size=images, replace=False))
+        loaders[split] = Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False,
+                                device=device, num_workers=cfg.data.num_workers, os_cache=cfg.data.os_cache,
+                                channels_last=cfg.train.channels_last, with_mask=bool(meta.get("has_mask")),
+                                indices=indices)
+    return loaders
+
+
+def evaluate_splits(base: nn.Module, generator: nn.Module | None, loaders: dict, *, num_classes: int,
+                    gamma: float, bound: str, C: float | None, autocast=None) -> dict[str, Any]:
+    """`{split}_{metric}` for every split, and `{split}_acc`: the one selection metric for every mode
+    (Algorithm 2 where there is a generator, no-noise accuracy without one)."""
+    metrics: dict[str, Any] = {}
+    for split, batches in loaders.items():
+        result = evaluate(base, generator, batches, num_classes=num_classes, gamma=gamma, bound=bound, C=C,
+                          autocast=autocast)
+        metrics.update({f"{split}_{k}": v for k, v in result.items()})
+        metrics[f"{split}_acc"] = result["acc_alg2"] if generator is not None else result["acc_no_noise"]
+    return metrics
 
 
 def background_auroc(sigma_map: torch.Tensor, background: torch.Tensor) -> float:

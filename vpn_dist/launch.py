@@ -12,9 +12,9 @@ import torch
 
 from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, save_yaml, validate
-from vpn_dist.data import Loader, read_meta
+from vpn_dist.data import read_meta
 from vpn_dist.errors import TrainingFailed, UserError
-from vpn_dist.evaluate import evaluate
+from vpn_dist.evaluate import eval_loaders, evaluate_splits
 from vpn_dist.observe import write_json_atomic
 from vpn_dist.train import autocast_for, build_models, pick_device, resolved_gamma, train_loop
 
@@ -38,7 +38,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
             raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
         if done["epoch"] >= cfg.train.epochs:
             raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of {cfg.train.epochs} epochs")
-    elif (run_dir / "config.yaml").exists() or ckpt.latest_checkpoint(run_dir):
+    elif ckpt.latest_checkpoint(run_dir):  # a run that stopped before its first checkpoint simply starts again
         raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
@@ -93,7 +93,8 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
             train_loop,
             train_loop_config=config | {"_using_ray": True},
             scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=cfg.dist.gpu,
-                                         resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.dist.cpus_per_worker} | (
+                                             {"GPU": cfg.dist.gpus_per_worker} if cfg.dist.gpu else {})),
             torch_config=TorchConfig(backend="nccl" if cfg.dist.gpu else "gloo"),
             run_config=RayRunConfig(
                 name="checkpoints", storage_path=str(run_dir), callbacks=callbacks,
@@ -150,13 +151,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
         generator.load_state_dict(state["generator"])
     torch.manual_seed(cfg.train.seed)
     result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
-    splits = ["val", "test"] if meta["splits"].get("val") else ["test"]
-    for split in splits:
-        batches = Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False, device=device,
-                         num_workers=cfg.data.num_workers, with_mask=bool(meta.get("has_mask")))
-        metrics = evaluate(base, generator, batches, num_classes=num_classes, gamma=resolved_gamma(cfg, num_classes),
-                           bound=cfg.vpn.bound, C=cfg.vpn.C, autocast=autocast_for(cfg.train.amp, device))
-        result.update({f"{split}_{k}": v for k, v in metrics.items()})
+    result |= evaluate_splits(base, generator, eval_loaders(cfg, meta, device), num_classes=num_classes,
+                              gamma=resolved_gamma(cfg, num_classes), bound=cfg.vpn.bound, C=cfg.vpn.C,
+                              autocast=autocast_for(cfg.train.amp, device))
     write_json_atomic(run_dir / "eval.json", result)
     return result
 

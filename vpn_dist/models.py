@@ -62,33 +62,51 @@ def build_base(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.M
 
 
 class AbsDNN3(nn.Module):
-    """The DNN3 generator, d-1024-1024-d; sigma = |last layer| as in the authors' code."""
+    """The authors' DNN3 generator, d-1024-1024-d, sigma = |last layer|. Every Linear starts at N(0, 0.002^2)
+    with zero bias (std 0.002, as `pi_noise_generator.py` does), so sigma starts near 0: training begins from
+    the noise-free model and the generator grows noise only where it lowers the loss."""
 
     def __init__(self, shape: tuple[int, int, int]):
         super().__init__()
         self.shape = shape
         self.net = dnn3(math.prod(shape), math.prod(shape))
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, 0.0, 0.002)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).view(-1, *self.shape).abs()
 
 
 class ResNet18Generator(nn.Module):
-    """The authors' ResNet-18 generator: torchvision's 7x7 stride-2 stem with max-pool, four stages of
-    BasicBlocks ending at 64 channels (kept at 1/4 resolution so sigma stays spatial), bilinear upsampling to
-    the input size, a 3x3 conv to C channels, |.|."""
+    """The authors' ResNet-18 generator (`GaussianNoiseGeneratorResnet18`): a 7x7 stride-2 conv + BN + ReLU +
+    3x3 stride-2 max-pool, BasicBlock stages of 64, 128, 256 and 64 channels with strides 1, 2, 2, 2 (the last
+    map is 1/32 of the input: 1x1 for 28x28 or 32x32 images), bilinear upsampling to the input size
+    (align_corners=True, as nn.UpsamplingBilinear2d), a 3x3 conv without bias to C channels, |.|.
+    PyTorch's default init, as theirs."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int = 64):
+    STAGES = ((64, 1), (128, 2), (256, 2), (64, 2))  # (channels, stride of the stage's first block)
+
+    def __init__(self, shape: tuple[int, int, int]):
         super().__init__()
         c = shape[0]
-        self.stem = nn.Sequential(nn.Conv2d(c, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+        self.stem = nn.Sequential(nn.Conv2d(c, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
-        self.stages = nn.Sequential(*[BasicBlock(width, width) for _ in range(4 * 2)])
-        self.head = nn.Conv2d(width, c, 3, padding=1)
+        blocks, width = [], 64
+        for channels, stride in self.STAGES:
+            downsample = None
+            if stride != 1 or width != channels:
+                downsample = nn.Sequential(nn.Conv2d(width, channels, 1, stride=stride, bias=False),
+                                           nn.BatchNorm2d(channels))
+            blocks += [BasicBlock(width, channels, stride, downsample), BasicBlock(channels, channels)]
+            width = channels
+        self.stages = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(width, c, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stages(self.stem(x))
-        features = nn.functional.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        features = nn.functional.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=True)
         return self.head(features).abs()
 
 

@@ -23,7 +23,7 @@ from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, from_dict
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError
-from vpn_dist.evaluate import evaluate
+from vpn_dist.evaluate import eval_loaders, evaluate_splits
 from vpn_dist.method import generate_sigma, random_pixel_noise, sample_noise, vpn_loss
 from vpn_dist.models import build_base, build_generator
 from vpn_dist.observe import RunLog, write_json_atomic
@@ -91,7 +91,7 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
     if t.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     else:
@@ -188,10 +188,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                        os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
     train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
                            distributed=worker.world_size > 1, augment=cfg.data.augment, **loader_args)
-    eval_splits = ["val", "test"] if meta["splits"].get("val") else ["test"]
-    eval_batches = {split: Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False,
-                                  with_mask=bool(meta.get("has_mask")), **loader_args)
-                    for split in (eval_splits if worker.rank == 0 else [])}
+    # Per-epoch curves read a fixed subset of each split; the last epoch reads every image (the final metrics).
+    epoch_eval, final_eval = ({}, {}) if worker.rank != 0 else (
+        eval_loaders(cfg, meta, device, images=cfg.train.epoch_eval_images), eval_loaders(cfg, meta, device))
     log = RunLog(run_dir, enabled=worker.rank == 0)
     if worker.rank == 0:
         with open(run_dir / "attempts.jsonl", "a") as attempts:
@@ -248,14 +247,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "train_images_per_sec": rows * worker.world_size / train_time}
         last = epoch + 1 == cfg.train.epochs
         if worker.rank == 0 and (last or (epoch + 1) % cfg.train.eval_every == 0):
-            for split, batches in eval_batches.items():
-                result = evaluate(base, generator, batches, num_classes=num_classes, gamma=gamma, bound=bound, C=C,
-                                  autocast=autocast)
-                metrics.update({f"{split}_{k}": v for k, v in result.items()})
-                # one selection metric for every mode: Algorithm 2 where there is a generator
-                metrics[f"{split}_acc"] = result["acc_alg2"] if generator is not None else result["acc_no_noise"]
+            eval_start = time.perf_counter()
+            metrics.update(evaluate_splits(base, generator, final_eval if last else epoch_eval,
+                                           num_classes=num_classes, gamma=gamma, bound=bound, C=C, autocast=autocast))
+            metrics["eval_images"] = "all" if last or not cfg.train.epoch_eval_images else cfg.train.epoch_eval_images
             if generator is not None and (last or (epoch + 1) % cfg.train.figure_every == 0):
-                log.figure(epoch + 1, *_figure_inputs(generator, eval_batches["test"], gamma, bound, C))
+                log.figure(epoch + 1, *_figure_inputs(generator, final_eval["test"], gamma, bound, C))
+            metrics["eval_time_s"] = time.perf_counter() - eval_start
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         history.append(metrics)
         log.epoch(epoch + 1, metrics)
