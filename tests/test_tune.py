@@ -201,14 +201,15 @@ def test_named_spaces_resolve_on_their_own_data(data_dir, tmp_path):
     import argparse
 
     from vpn_dist import tune as tune_mod
+    from vpn_dist.sweep.space import SweepSettings, check_space, dataset_table, load_space, resolve_trial
 
     for name in ("smoke", "paper", "multi"):
-        space = tune_mod.load_space(name)
-        ctx = {"space": name, "fixed": space["fixed"], "overrides": [], "epochs": None, "workers": 1,
-               "cpus_per_worker": 1, "gpu": False, "datasets": tune_mod.dataset_table([str(data_dir)], space["data"])}
-        assert tune_mod.check_space(space, ctx, tmp_path) > 0
-        cfg = tune_mod.resolve_trial({"data": "syn", "arch": ("dnn3", "dnn3"), "vpn.gamma_scale": 10.0},
-                                     ctx, str(tmp_path / "t"))
+        space = load_space(name)
+        settings = SweepSettings(space=name, out=str(tmp_path), fixed=space.fixed,
+                                 datasets=dataset_table([str(data_dir)], space.data))
+        assert check_space(space, settings, tmp_path) > 0
+        cfg = resolve_trial({"data": "syn", "arch": ("dnn3", "dnn3"), "vpn.gamma_scale": 10.0},
+                            settings, str(tmp_path / "t"))
         assert cfg.vpn.gamma == pytest.approx(10 * 0.01 / 4)  # gamma relative to K = 4 classes
     parser = argparse.ArgumentParser()
     tune_mod.add_arguments(parser)

@@ -26,8 +26,6 @@ SPACE = {
         "vpn.mode": "joint",
         "train.epochs": 40,
         "train.batch_size": 256,
-        "train.optimizer": "adam",
-        "train.lr_schedule": "constant",
     },
     "samples": 10,
     "grace_period": 5,

@@ -1,4 +1,4 @@
-"""`vpn-dist`: one console script, one subcommand per job (prep, train, eval, tune, bench)."""
+"""`vpn-dist`: one console script, one subcommand per job (prep, train, eval, tune, reproduce, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="a Ray Tune sweep of VPN runs (ASHA on validation accuracy)")
     tune_mod.add_arguments(tune)
     tune.set_defaults(handler=tune_mod.run)
+
+    from vpn_dist import reproduce as reproduce_mod
+
+    reproduce = sub.add_parser("reproduce", help="a paper table's grid (cells x seeds) on Ray Tune, reported beside "
+                                                 "the paper")
+    reproduce_mod.add_arguments(reproduce)
+    reproduce.set_defaults(handler=reproduce_mod.run)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

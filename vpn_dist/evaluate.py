@@ -79,6 +79,7 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
     n = correct_alg2 = correct_plain = 0
     sigma_sum, sigma_max, at_bound, sigma_count = 0.0, 0.0, 0.0, 0
     sigma_maps, backgrounds = [], []
+    per_pixel_sum = per_pixel_sq = None  # sigma's moments per pixel across images (float64)
     for batch in batches:
         x, y = batch[0], batch[1]
         with autocast:
@@ -95,6 +96,9 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
         sigma_max = max(sigma_max, float(sigma.max()))
         sigma_count += sigma.numel()
         at_bound += _at_bound(raw, sigma, bound, C)
+        flat = sigma.flatten(1).double()
+        per_pixel_sum = flat.sum(0) if per_pixel_sum is None else per_pixel_sum + flat.sum(0)
+        per_pixel_sq = (flat ** 2).sum(0) if per_pixel_sq is None else per_pixel_sq + (flat ** 2).sum(0)
         if len(batch) > 2:
             sigma_maps.append(sigma.mean(dim=1).cpu())
             backgrounds.append(batch[2][:, 0].cpu() < 0.5)
@@ -106,10 +110,20 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
     }
     if generator is not None:
         metrics.update(sigma_mean=sigma_sum / max(sigma_count, 1), sigma_max=sigma_max,
-                       sigma_frac_at_bound=at_bound / max(n, 1))
+                       sigma_frac_at_bound=at_bound / max(n, 1),
+                       sigma_between_image_share=between_image_share(per_pixel_sum, per_pixel_sq, n))
         if sigma_maps:
             metrics["sigma_bg_auroc"] = background_auroc(torch.cat(sigma_maps), torch.cat(backgrounds))
     return metrics
+
+
+def between_image_share(per_pixel_sum: torch.Tensor, per_pixel_sq: torch.Tensor, n: int) -> float:
+    """The share of sigma's variance (over images and pixels) that varies across images at a fixed pixel:
+    mean_p Var_i(sigma_ip) / Var_ip(sigma_ip). A generator that ignores its input gives 0."""
+    mean_p = per_pixel_sum / n
+    across_images = (per_pixel_sq / n - mean_p ** 2).clamp_min(0).mean()
+    total = per_pixel_sq.sum() / (n * len(mean_p)) - (per_pixel_sum.sum() / (n * len(mean_p))) ** 2
+    return float(across_images / total) if total > 0 else 0.0
 
 
 def _at_bound(raw: torch.Tensor, bounded: torch.Tensor, bound: str, C: float | None) -> float:

@@ -1,0 +1,235 @@
+"""`vpn-dist reproduce`: a paper table's grid (cells x seeds) as Ray Tune trials, reported beside the paper.
+
+    vpn-dist reproduce --table 1|2|3 --data DIR [--data DIR ...] --seeds N --out OUT
+        [--bases sr,dnn3,...] [--generators dnn3,resnet18] [--modes ...] [--epochs N] [--set KEY=VALUE ...]
+        [--max-concurrent K] [--gpus-per-trial F] [--cpus-per-trial C] [--resume]
+
+OUT/runs/<data>/<base>-<generator>-<mode>/seed<k>/   each run's directory (vpn-dist train's layout)
+OUT/runs.csv      one row per cell x seed: the results, and the resume state (a finished row never reruns)
+OUT/curves.csv    per-epoch loss, train and test accuracy of every run (Figure 2)
+OUT/report.md, OUT/figures/   the tables beside the paper's, with a paired t-test against the baseline
+
+A thin layer on the sweep driver: one trial per run, no early stopping, trials packed by the resources they
+reserve. Table 2's generator-only runs start from the same seed's baseline, so they run after the baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from vpn_dist.errors import UserError
+from vpn_dist.observe import write_json_atomic
+from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
+from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
+                                       run_rows, write_csv, write_report)
+from vpn_dist.sweep import driver
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", dest="tables", type=int, action="append", default=[], choices=(1, 2, 3),
+                   help="the paper's table: 1 (joint), 2 (generator-only on a trained base), 3 (Tiny ImageNet); "
+                        "repeatable")
+    p.add_argument("--data", action="append", default=[], metavar="DIR", help="a `vpn-dist prep` output (repeatable)")
+    p.add_argument("--seeds", type=int, help="runs per cell (seeds 0..N-1; the paper averages 5)")
+    p.add_argument("--out", required=True, help="OUT: runs/, runs.csv, curves.csv, report.md, figures/")
+    p.add_argument("--bases", type=_names, help="comma-separated base models (default: the table's)")
+    p.add_argument("--generators", type=_names, help="comma-separated generators: dnn3, resnet18 (default both)")
+    p.add_argument("--modes", type=_names, help="comma-separated rows' modes: baseline, random, joint, generator-only")
+    p.add_argument("--epochs", type=int, help="train.epochs of every run (default: the paper's 40)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key for every run, e.g. --set train.optimizer=adam (repeatable)")
+    p.add_argument("--max-concurrent", type=int, help="runs at once (default: what the cluster's CPUs or GPUs hold)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPU share per run, e.g. 0.25: four small runs share a GPU (default: CPU only)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per run (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the grid in OUT (its saved settings): finished runs are not rerun")
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    plan = _resumed_plan(args, out) if args.resume else _new_plan(args, out)
+    runs = grid(plan)
+    runs_root = out / "runs"
+    previous = {(r["run_id"], r["table"]): r for r in read_csv(out / "runs.csv") if r.get("plan") == plan.fingerprint()}
+    finished = {run_id for run_id, _ in previous if previous[(run_id, _)]["status"] == FINISHED}
+    pending = [r for r in runs if r.run_id not in finished]
+    # generator-only starts from its baseline's checkpoint: retrain a finished baseline whose run dir is gone
+    # (runs.csv came from another machine)
+    needed = {r.baseline() for r in pending if r.mode == "generator-only"}
+    by_id = {r.run_id: r for r in runs}
+    for base_run in needed:
+        if by_id[base_run.run_id] not in pending and not _has_checkpoint(runs_root / base_run.run_id):
+            pending.append(by_id[base_run.run_id])
+    print(f"reproduce: {len(runs)} runs in the grid, {len(runs) - len(pending)} finished, {len(pending)} to run; "
+          f"results in {out}", flush=True)
+    state = Results(out, plan, runs, previous)
+    state.save()
+    phases = [[r for r in pending if r.mode != "generator-only"], [r for r in pending if r.mode == "generator-only"]]
+    for phase in phases:
+        if not phase:
+            continue
+        trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
+        train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
+        if plan.gpus_per_trial:
+            train_resources["GPU"] = plan.gpus_per_trial
+        trials = driver.run_trials(
+            trial, {"run_id": {"grid_search": [r.run_id for r in phase]}}, out, resume=False,
+            experiment=f"tune-{state.next_experiment()}", train_resources=train_resources,
+            max_concurrent=args.max_concurrent, callbacks=[state.callback()])
+        for t in trials:  # a trial that died before any report still gets its row
+            state.record(by_id[t.config["run_id"]], t.status)
+    state.save(report=True)
+    unfinished = [r for r in runs if state.status(r) != FINISHED]
+    if unfinished:
+        print(f"reproduce: {len(unfinished)} run(s) did not finish ({', '.join(r.run_id for r in unfinished[:5])}"
+              f"{' ...' if len(unfinished) > 5 else ''}); their errors are in their run directories. Continue with "
+              f"`vpn-dist reproduce --out {out} --resume`", flush=True)
+        return 1
+    print(f"reproduce: report in {out / 'report.md'}", flush=True)
+    return 0
+
+
+def reproduce_trial(params: dict[str, Any], plan: Plan, runs_root: Path) -> None:
+    """One Tune trial: one run of the grid, in its own run directory (resumed from its checkpoint if it has one)."""
+    run = next(r for r in grid(plan) if r.run_id == params["run_id"])
+    driver.train_in_trial(run_config(plan, run, runs_root))
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from vpn_dist import checkpoint as ckpt
+
+    return ckpt.latest_checkpoint(run_dir) is not None
+
+
+class Results:
+    """runs.csv and curves.csv, rewritten as each run ends (in the driver process, so one writer)."""
+
+    def __init__(self, out: Path, plan: Plan, runs: list[Run], previous: dict[tuple[str, int], dict[str, Any]]):
+        self.out, self.plan, self.runs = out, plan, runs
+        self.rows = dict(previous)  # (run_id, table) -> row; rows of earlier sessions stay
+        self.curves: dict[str, list[dict[str, Any]]] = {}
+        for point in read_csv(out / "curves.csv"):
+            self.curves.setdefault(point["run_id"], []).append(point)
+        for run in runs:
+            if run.run_id not in {k[0] for k in self.rows}:
+                for row in run_rows(run, None, "pending", plan.fingerprint()):
+                    self.rows[(run.run_id, row["table"])] = row
+
+    def status(self, run: Run) -> str:
+        return self.rows[(run.run_id, run.tables[0])]["status"]
+
+    def record(self, run: Run, trial_status: str) -> None:
+        """The run's row from its metrics.json: finished when it has every planned epoch."""
+        summary = load_summary(self.out / "runs" / run.run_id)
+        done = bool(summary) and summary.get("epochs_completed", 0) >= summary.get("epochs_planned", 1 << 30)
+        if self.status(run) == FINISHED and not done:
+            return  # finished in an earlier session; its run dir is on another machine
+        status = FINISHED if done else ("failed" if trial_status == "ERROR" else "pending")
+        for row in run_rows(run, summary, status, self.plan.fingerprint()):
+            self.rows[(run.run_id, row["table"])] = row
+        if summary:
+            self.curves[run.run_id] = curve_rows(run, summary)
+        self.save()
+
+    def save(self, report: bool = False) -> None:
+        order = {r.run_id: i for i, r in enumerate(self.runs)}
+        rows = sorted(self.rows.values(), key=lambda r: (r["table"], order.get(r["run_id"], 1 << 30)))
+        write_csv(self.out / "runs.csv", rows, RUN_COLUMNS)
+        write_csv(self.out / "curves.csv", [p for run_id in sorted(self.curves) for p in self.curves[run_id]],
+                  CURVE_COLUMNS)
+        if report:
+            command = "vpn-dist reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
+                "reproduce"] else "vpn-dist reproduce"
+            write_report(self.out, self.plan, rows, [p for pts in self.curves.values() for p in pts], command)
+
+    def next_experiment(self) -> int:
+        return len(list(self.out.glob("tune-*")))
+
+    def callback(self):
+        """A Tune callback that records a run's row when its trial ends (completed or errored)."""
+        from ray.tune import Callback
+
+        results, by_id = self, {r.run_id: r for r in self.runs}
+
+        class RecordRun(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                results.record(by_id[trial.config["run_id"]], "TERMINATED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                results.record(by_id[trial.config["run_id"]], "ERROR")
+
+        return RecordRun()
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
+    if (out / "reproduce.json").exists():
+        raise UserError(f"{out} already holds a reproduction grid; finish it with --resume or choose another --out")
+    if args.seeds is None:
+        raise UserError("give --seeds N (runs per cell; the paper averages 5)")
+    data: dict[str, str] = {}
+    for raw in args.data:
+        label = data_label(raw)
+        if label in data:
+            raise UserError(f"--data {raw}: two data directories are both {label!r}")
+        data[label] = str(Path(raw).resolve())
+    plan = Plan(tables=sorted(set(args.tables)), data=data, seeds=args.seeds, bases=args.bases,
+                generators=args.generators or ["dnn3", "resnet18"], modes=args.modes, epochs=args.epochs,
+                overrides=list(args.overrides), gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError(f"--max-concurrent {args.max_concurrent} must be at least 1")
+    if args.cpus_per_trial < 1:
+        raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
+    check_plan(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "reproduce.json", plan.to_dict())
+    return plan
+
+
+def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
+    """The saved plan; flags that would change results are refused, --seeds may grow the grid."""
+    saved = out / "reproduce.json"
+    if not saved.is_file():
+        raise UserError(f"--resume: {out} holds no reproduction grid (no reproduce.json); start it without --resume")
+    try:
+        plan = Plan.from_dict(json.loads(saved.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"--resume: {saved} is not a reproduction plan ({err})") from None
+    changed = [flag for flag, value in (("--table", args.tables), ("--bases", args.bases), ("--modes", args.modes),
+                                        ("--generators", args.generators), ("--epochs", args.epochs),
+                                        ("--set", args.overrides)) if value]
+    if changed:
+        raise UserError(f"--resume keeps the grid's settings ({saved}); drop {', '.join(changed)}, or start a new "
+                        f"--out")
+    if args.seeds is not None:
+        if args.seeds < plan.seeds:
+            raise UserError(f"--resume --seeds {args.seeds}: the grid already has {plan.seeds} seeds")
+        plan.seeds = args.seeds  # more seeds: the finished ones stay, the new ones run
+    if args.data:  # the data may live elsewhere on this machine: same data sets, new paths
+        for raw in args.data:
+            label = data_label(raw)
+            if label not in plan.data:
+                raise UserError(f"--resume --data {raw}: {label!r} is not one of the grid's data sets "
+                                f"({', '.join(plan.data)})")
+            plan.data[label] = str(Path(raw).resolve())
+    missing = [f"{label} ({path})" for label, path in plan.data.items() if not Path(path).is_dir()]
+    if missing:
+        raise UserError(f"--resume: the grid's data is not here: {', '.join(missing)}; give --data DIR for each")
+    if args.gpus_per_trial:
+        plan.gpus_per_trial = args.gpus_per_trial
+    check_plan(plan)
+    write_json_atomic(saved, plan.to_dict())
+    print(f"resuming the grid in {out} with its saved settings ({saved})", flush=True)
+    return plan

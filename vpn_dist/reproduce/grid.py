@@ -1,0 +1,183 @@
+"""The paper's Tables 1-3 as a grid of runs: cells (table, data, base, generator, mode) x seeds.
+
+A run is what trains; a cell is where a table shows it. The baseline of a (data, base, seed) is one run that
+Table 1 and Table 2 both show, and Table 2's generator-only runs start from it (paper section 4.2).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
+from vpn_dist.data import read_meta
+from vpn_dist.errors import UserError
+
+PAPER_TABLES = Path(__file__).with_name("paper_tables.csv")
+
+
+@dataclass(frozen=True)
+class Table:
+    modes: tuple[str, ...]  # the modes of its rows, in the paper's order
+    datasets: tuple[str, ...]  # the paper's data sets (by `vpn-dist prep` source kind)
+    bases: tuple[str, ...]
+
+
+TABLES = {
+    1: Table(("baseline", "random", "joint"), ("fashion-mnist", "cifar10"), ("sr", "dnn3", "resnet18", "resnet34")),
+    2: Table(("baseline", "generator-only"), ("fashion-mnist", "cifar10"), ("sr", "dnn3", "resnet18", "resnet34")),
+    3: Table(("baseline", "random", "joint"), ("tiny-imagenet",), ("resnet18", "resnet34", "resnet50")),
+}
+PAPER_DATASETS = ("fashion-mnist", "cifar10", "tiny-imagenet")
+GENERATORS = ("dnn3", "resnet18")
+BATCH_SIZE = {"tiny-imagenet": 128}  # paper 4.1: 256 elsewhere ("to prevent the OOM exception")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid; `tables` lists every table that shows it."""
+
+    data: str  # the data set's label (its source kind, or the directory name)
+    base: str
+    generator: str  # "none" for baseline and random
+    mode: str
+    seed: int
+    tables: tuple[int, ...]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.data}/{self.base}-{self.generator}-{self.mode}/seed{self.seed}"
+
+    @property
+    def row(self) -> str:
+        """The paper's row name: baseline, random, or the generator."""
+        return self.mode if self.generator == "none" else self.generator
+
+    def baseline(self) -> Run:
+        """The run a generator-only run starts from: same data, base and seed."""
+        return Run(self.data, self.base, "none", "baseline", self.seed, ())
+
+
+@dataclass
+class Plan:
+    """What `vpn-dist reproduce` was asked for; saved as OUT/reproduce.json, so --resume needs no flags."""
+
+    tables: list[int]
+    data: dict[str, str]  # label -> prepared directory
+    seeds: int
+    bases: list[str] | None = None  # None: the table's
+    generators: list[str] = field(default_factory=lambda: list(GENERATORS))
+    modes: list[str] | None = None  # None: the table's
+    epochs: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """What decides the runs' results (not where the data lives, nor how many seeds or what hardware):
+        rows of another plan are never taken as finished."""
+        keyed = {k: v for k, v in self.to_dict().items() if k not in ("seeds", "gpus_per_trial", "cpus_per_trial")}
+        keyed["data"] = sorted(self.data)
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_label(path: str | Path) -> str:
+    meta = read_meta(path)
+    kind = meta.get("source_kind")
+    return kind if kind in PAPER_DATASETS or kind == "synthetic" else Path(path).resolve().name
+
+
+def check_plan(plan: Plan) -> None:
+    """Refuse a grid that cannot run, before anything starts."""
+    from vpn_dist.models import BASE_MODELS
+
+    if not plan.tables:
+        raise UserError("give --table 1, 2 or 3")
+    for number in plan.tables:
+        if number not in TABLES:
+            raise UserError(f"--table {number}: the paper has Tables 1, 2 and 3")
+    if plan.seeds < 1:
+        raise UserError(f"--seeds {plan.seeds}: give at least 1 seed (the paper averages 5)")
+    if plan.epochs is not None and plan.epochs < 1:
+        raise UserError(f"--epochs {plan.epochs} must be at least 1")
+    if not plan.data:
+        raise UserError("give at least one --data DIR (a `vpn-dist prep` output)")
+    for name in plan.bases or []:
+        if name not in BASE_MODELS:
+            raise UserError(f"--bases: unknown base {name!r}; the paper's bases are {', '.join(BASE_MODELS)}")
+    for name in plan.generators:
+        if name not in GENERATORS:
+            raise UserError(f"--generators: unknown generator {name!r}; use {', '.join(GENERATORS)}")
+    for number in plan.tables:
+        table = TABLES[number]
+        for mode in plan.modes or []:
+            if mode not in table.modes:
+                raise UserError(f"--modes {mode}: Table {number} has no {mode} rows (its modes: "
+                                f"{', '.join(table.modes)})")
+        for label in plan.data:
+            if label in PAPER_DATASETS and label not in table.datasets:
+                raise UserError(f"--data {plan.data[label]} is {label}, which Table {number} does not show "
+                                f"(Table {number}: {', '.join(table.datasets)})")
+    if plan.gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial {plan.gpus_per_trial} must be > 0")
+    runs = grid(plan)
+    if not runs:
+        raise UserError("the grid is empty: no table row matches --bases/--generators/--modes")
+    for run in runs:  # every run's config must be valid before the first one starts
+        run_config(plan, run, Path("/nonexistent"))
+
+
+def grid(plan: Plan) -> list[Run]:
+    """Every run of the plan once, in table order; a run shown in several tables lists them all."""
+    runs: dict[tuple, Run] = {}
+    for number in plan.tables:
+        table = TABLES[number]
+        modes = [m for m in table.modes if plan.modes is None or m in plan.modes]
+        if "generator-only" in modes and "baseline" not in modes:
+            modes.insert(0, "baseline")  # generator-only starts from the baseline's trained base
+        for label in plan.data:
+            for base in plan.bases or table.bases:
+                for mode in modes:
+                    generators = ["none"] if mode in ("baseline", "random") else plan.generators
+                    for generator in generators:
+                        for seed in range(plan.seeds):
+                            key = (label, base, generator, mode, seed)
+                            tables = runs[key].tables + (number,) if key in runs else (number,)
+                            runs[key] = Run(label, base, generator, mode, seed, tables)
+    return list(runs.values())
+
+
+def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
+    """The paper's settings (RunConfig's defaults), the run's cell and seed, then the plan's --epochs/--set.
+    The run trains in runs_root/run_id."""
+    values = {"out": str(runs_root / run.run_id), "data.path": plan.data[run.data], "model.base": run.base,
+              "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed}
+    if run.data in BATCH_SIZE:
+        values["train.batch_size"] = BATCH_SIZE[run.data]
+    if run.mode == "generator-only":
+        values["train.init_from"] = str(runs_root / run.baseline().run_id)
+    cfg = apply_overrides(from_dict(values), plan.overrides)
+    if plan.epochs:
+        cfg.train.epochs = plan.epochs
+    if plan.gpus_per_trial:
+        cfg.dist.gpu, cfg.dist.gpus_per_worker = True, plan.gpus_per_trial
+    cfg.dist.workers, cfg.dist.cpus_per_worker = 1, plan.cpus_per_trial
+    return validate(cfg)
+
+
+@lru_cache(maxsize=1)
+def paper_numbers() -> dict[tuple[int, str, str, str], float]:
+    """(table, data, base, row) -> the paper's test accuracy in %, rows as in the paper ("dnn3 (no noise)")."""
+    with open(PAPER_TABLES, newline="") as f:
+        return {(int(r["table"]), r["data"], r["base"], r["row"]): float(r["acc"]) for r in csv.DictReader(f)}

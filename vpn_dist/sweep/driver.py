@@ -1,0 +1,98 @@
+"""The one place that runs a set of trials on Ray Tune, with resume; and the trial body that runs one vpn-dist run
+inside a trial. `vpn-dist tune` (ASHA on a search space) and a grid with no early stopping both sit on it.
+
+Ray is imported only inside these functions, after `init_ray` (a local Ray stays on loopback).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from vpn_dist.config import RunConfig
+from vpn_dist.errors import UserError
+
+# A trial only drives a Ray Train run (it and the Train controller need no CPU); the Train workers reserve the CPUs
+# and GPUs. Ray refuses an empty resource request, so the driver asks for a little memory (a logical reservation).
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+
+
+def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: Path, *, resume: bool,
+               train_resources: dict[str, float], max_concurrent: int | None = None,
+               trial_resources: dict[str, float] | None = None, asha: dict[str, Any] | None = None,
+               metric: str | None = None, num_samples: int = 1, experiment: str = "tune",
+               callbacks: list | None = None) -> list:
+    """Run `trial(params)` for every point of `param_space` (x num_samples) as the Tune experiment OUT/<experiment>,
+    or continue the one there (`resume`: finished trials are not rerun, errored ones not retried). A failing trial
+    is recorded and the others go on. Returns the trials as saved on disk (`tune.ExperimentAnalysis(...).trials`).
+
+    train_resources: what one trial's Ray Train workers reserve altogether (e.g. {"CPU": 2} or {"CPU": 1,
+      "GPU": 0.5}); max_concurrent=None runs as many trials at once as the cluster holds of these.
+    trial_resources: what the trial function itself reserves (default DRIVER_RESOURCES).
+    asha: ASHAScheduler keyword arguments (early stopping on `metric`, maximized); None runs every trial to its end.
+    callbacks: Tune callbacks (e.g. to record each trial as it ends); a restored experiment keeps the pickled
+      ones it started with.
+    """
+    from vpn_dist.launch import init_ray
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
+    started_here = init_ray(num_cpus=int(train_resources.get("CPU", 0)))  # before Ray's import: loopback
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    state = out / experiment
+    try:
+        trainable = tune.with_resources(trial, trial_resources or DRIVER_RESOURCES)
+        if resume:
+            if not tune.Tuner.can_restore(str(state)):
+                raise UserError(f"--resume: {state} holds no Tune experiment state yet; start again without "
+                                f"--resume (remove {out})")
+            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
+                                       restart_errored=False)
+        else:
+            concurrent = max_concurrent or default_concurrency(ray.cluster_resources(), train_resources)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=metric, mode="max" if metric else None, num_samples=num_samples,
+                                            scheduler=ASHAScheduler(**asha) if asha else None,
+                                            max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name=experiment, storage_path=str(out), callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                          verbose=1))
+            print(f"{concurrent} trial(s) at a time, each reserving {train_resources}; Tune state in {state}",
+                  flush=True)
+        tuner.fit()
+        # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
+        # state keeps the unfinished ones PENDING (what resume runs).
+        return list(tune.ExperimentAnalysis(str(state)).trials)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def default_concurrency(cluster: dict[str, float], train_resources: dict[str, float]) -> int:
+    """How many trials' Ray Train workers the cluster holds at once (at least 1)."""
+    fits = [int(cluster.get(key, 0) / need) for key, need in train_resources.items() if need > 0]
+    return max(1, min(fits, default=1))
+
+
+def train_in_trial(cfg: RunConfig) -> None:
+    """Run one vpn-dist run as the current Tune trial: its per-epoch reports reach Tune. A run whose metrics.json
+    already has all its epochs (the sweep was interrupted after it finished) replays them instead of retraining;
+    one with a checkpoint resumes from it."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vpn_dist import checkpoint as ckpt
+    from vpn_dist.launch import train
+
+    run_dir = Path(cfg.out)
+    metrics = run_dir / "metrics.json"
+    done = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    if done.get("epochs_completed", 0) >= cfg.train.epochs:
+        for epoch_metrics in done.get("history", []):
+            tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        return
+    train(cfg, resume=ckpt.latest_checkpoint(run_dir) is not None, ray_callbacks=[TuneReportCallback()])
