@@ -21,7 +21,8 @@ BIN = Path(sys.executable).parent
 def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     out = tmp_path / "run"
     args = ["--data", str(synthetic_dir), "--base", "dnn3", "--generator", "dnn3", "--mode", "joint", "--epochs", "2",
-            "--workers", "2", "--set", "train.batch_size=50", "--set", "data.num_workers=1"]
+            "--workers", "2", "--set", "train.batch_size=50", "--set", "data.num_workers=1",
+            "--set", "train.optimizer=adam", "--set", "train.lr_schedule=constant"]  # learns in 2 epochs
     # rank 1 exits hard at step 3 of epoch 1 (0-based), once; Ray restarts the group from epoch 1's checkpoint
     proc = cli("train", *args, "--out", str(out), "--set", "train.max_failures=1", "--set", "train.fault=1:1:3",
                check=False, timeout=600)

@@ -139,7 +139,8 @@ def check_plan(plan: Plan) -> None:
 
 
 def grid(plan: Plan) -> list[Run]:
-    """Every run of the plan once, in table order; a run shown in several tables lists them all."""
+    """Every run of the plan once, seed by seed (an interrupted grid holds whole seeds of every cell), in table
+    order within a seed; a run shown in several tables lists them all."""
     runs: dict[tuple, Run] = {}
     for number in plan.tables:
         table = TABLES[number]
@@ -155,7 +156,7 @@ def grid(plan: Plan) -> list[Run]:
                             key = (label, base, generator, mode, seed)
                             tables = runs[key].tables + (number,) if key in runs else (number,)
                             runs[key] = Run(label, base, generator, mode, seed, tables)
-    return list(runs.values())
+    return sorted(runs.values(), key=lambda run: run.seed)
 
 
 def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
