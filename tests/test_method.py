@@ -164,3 +164,29 @@ def test_background_auroc_matches_the_pairwise_definition():
     assert background_auroc(sigma, background) == pytest.approx(float(pairwise), abs=1e-6)
     assert background_auroc(background.float(), background) == 1.0  # all the noise on the background
     assert background_auroc(1 - background.float(), background) == 0.0  # all of it on the object
+
+
+def test_dnn3_generator_shares_its_first_layer_across_classes_exactly():
+    """Algorithm 2's shortcut (the first layer is linear in x + gamma*Y) gives the sigma of the direct path, and
+    so the same predictions for the same draws; weights are made large and gamma big so the label matters."""
+    torch.manual_seed(0)
+    k, gamma = 6, 0.3
+    generator = build_generator("dnn3", SHAPE).eval()
+    for layer in generator.net:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, 0.0, 0.05)
+            torch.nn.init.normal_(layer.bias, 0.0, 0.1)
+    base = build_base("dnn3", SHAPE, k).eval()
+    x, _ = batch(n=9, k=k)
+    x_rows, y_rows = x.repeat_interleave(k, dim=0), torch.arange(k).repeat(9)
+    with torch.no_grad():
+        direct = generate_sigma(generator, x_rows, y_rows, gamma, "none", None)
+        shared = generator.sigma_per_class(x, gamma, k)
+    assert direct.std() > 0.1 and (direct.view(9, k, -1)[:, 0] - direct.view(9, k, -1)[:, -1]).abs().max() > 0.01
+    assert torch.allclose(shared, direct, atol=1e-5)
+    e = torch.randn(9, k, *SHAPE)
+    plain = lambda inputs: generator(inputs)  # noqa: E731 - the same generator without the shortcut
+    assert torch.allclose(alg2_scores(base, generator, x, k, gamma, "none", None, e=e, max_rows=12),
+                          alg2_scores(base, plain, x, k, gamma, "none", None, e=e), atol=1e-5)
+    assert torch.equal(alg2_predict(base, generator, x, k, gamma, "none", None, e=e),
+                       alg2_predict(base, plain, x, k, gamma, "none", None, e=e))

@@ -56,6 +56,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
+    from vpn_dist.benchmarks import evaluation as bench_eval
     from vpn_dist.benchmarks import loader as bench_loader
     from vpn_dist.benchmarks import training as bench_training
 
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray_bench = bench_sub.add_parser("ray", help="Ray Train overhead: in-process vs 1 vs 2 workers, same job")
     bench_training.add_ray_arguments(ray_bench)
     ray_bench.set_defaults(handler=bench_training.run_ray)
+    eval_bench = bench_sub.add_parser("eval", help="what an evaluation pass costs: Algorithm 2 (with and without "
+                                                   "its shared first layer) and no noise")
+    bench_eval.add_arguments(eval_bench)
+    eval_bench.set_defaults(handler=bench_eval.run)
     train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
     bench_training.add_train_arguments(train_bench)
     train_bench.set_defaults(handler=bench_training.run_train)

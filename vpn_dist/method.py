@@ -76,7 +76,10 @@ def alg2_scores(base: nn.Module, generator: nn.Module, x: torch.Tensor, num_clas
         rows = xs.shape[0] * k
         x_rows = xs.repeat_interleave(k, dim=0)  # sample-major: (x0,Y=0), (x0,Y=1), ...
         y_rows = torch.arange(k, device=x.device).repeat(xs.shape[0])
-        sigma = generate_sigma(generator, x_rows, y_rows, gamma, bound, C)
+        if hasattr(generator, "sigma_per_class"):  # a generator that shares work across the K hypotheses
+            sigma = bound_sigma(generator.sigma_per_class(xs, gamma, k).float(), bound, C)
+        else:
+            sigma = generate_sigma(generator, x_rows, y_rows, gamma, bound, C)
         eps = sigma * e[start:start + per_chunk].reshape(rows, *x.shape[1:])
         probs = base(x_rows + eps).float().softmax(dim=1)
         scores.append(probs[torch.arange(rows, device=x.device), y_rows].view(-1, k))

@@ -21,7 +21,7 @@ RUN_COLUMNS = ("table", "data", "base", "generator", "mode", "seed", "epochs", "
                "val_acc", "wall_time_s", "status", "run_id", "train_loss", "train_acc", "sigma_bg_auroc",
                "sigma_between_image_share", "plan")
 CURVE_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "test_acc_alg2", "test_acc_no_noise", "val_acc",
-                 "eval_images")
+                 "eval_images", "eval_time_s", "epoch_time_s")
 FINISHED = "finished"
 
 
