@@ -1,4 +1,4 @@
-"""`make demo`: the synthetic set to .beton, then baseline and VPN (joint) on 2 Ray Train workers with bf16.
+"""`make demo`: the synthetic set to .beton, then baseline and VPN (joint) on 2 Ray Train workers.
 
 No download and no shared data: everything lands under ./demo (override with VPN_DEMO_DIR).
 """
@@ -32,18 +32,23 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             cfg: RunConfig = load_yaml(REPO / "configs" / "demo.yaml")
             cfg = from_dict({"out": str(out), "data.path": str(data), "dist.workers": 2, **overrides}, cfg)
-            print(f"\n=== {name}: {cfg.model.base} base, generator {cfg.model.generator}, 2 Ray Train workers, "
-                  f"bf16 ===", flush=True)
+            print(f"\n=== {name}: {cfg.model.base} base, generator {cfg.model.generator}, 2 Ray Train workers "
+                  f"===", flush=True)
             results[name] = train(cfg)
     finally:
         ray.shutdown()
 
-    print("\n| run       | test acc (Algorithm 2) | test acc (no noise) | sigma background AUROC |")
-    print("|-----------|------------------------|---------------------|------------------------|")
+    print("\n| run       | test acc (Algorithm 2) | test acc (no noise) | sigma background AUROC | sigma between-image "
+          "share |")
+    print("|-----------|------------------------|---------------------|------------------------|--------------------"
+          "-----|")
     for name, m in results.items():
         alg2 = "-" if m["test_acc_alg2"] is None else f"{m['test_acc_alg2']:.4f}"
         auroc = f"{m['sigma_bg_auroc']:.3f}" if m.get("sigma_bg_auroc") is not None else "-"
-        print(f"| {name:<9} | {alg2:>22} | {m['test_acc_no_noise']:>19.4f} | {auroc:>22} |")
+        share = f"{m['sigma_between_image_share']:.3g}" if m.get("sigma_between_image_share") is not None else "-"
+        print(f"| {name:<9} | {alg2:>22} | {m['test_acc_no_noise']:>19.4f} | {auroc:>22} | {share:>24} |")
+    print("\nAUROC 0.5: sigma ignores where the object is; 1.0: all noise on the background. Between-image share ~0: "
+          "the generator ignores its input.\nWhat the 40-epoch, 5-seed runs found: README, 'Does VPN reproduce?'")
     print(f"\nTensorBoard: tensorboard --logdir {root / 'runs'}")
     print(f"Figure 4 (image, noise, sigma, image + noise): {root / 'runs' / 'vpn-joint' / 'figure4.png'}")
     return 0
