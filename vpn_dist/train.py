@@ -148,6 +148,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     worker = Worker(using_ray)
     run_dir = Path(cfg.out)
     device = pick_device(cfg, using_ray)
+    if using_ray and device.type == "cpu":  # the CPUs Ray reserved for this worker: more threads only oversubscribe
+        torch.set_num_threads(cfg.dist.cpus_per_worker)
     meta = read_meta(cfg.data.path)
     num_classes = meta["num_classes"]
     gamma, m, bound, C = resolved_gamma(cfg, num_classes), cfg.vpn.m, cfg.vpn.bound, cfg.vpn.C
