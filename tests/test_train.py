@@ -132,3 +132,14 @@ def test_fashion_mnist_dnn3_reaches_paper_level_accuracy(fashion_mnist_dir, tmp_
     assert metrics["test_acc_no_noise"] > 0.82
     if mode == "joint":
         assert metrics["test_acc_alg2"] > 0.82
+
+
+def test_amp_auto_is_off_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
+    from vpn_dist.train import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cpu")) == "off"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", torch.device("cuda")) == "off"
+    assert resolve_amp("fp16", torch.device("cuda")) == "fp16" and resolve_amp("bf16", torch.device("cpu")) == "bf16"

@@ -16,7 +16,7 @@ from vpn_dist.errors import UserError
 
 MODES = ("joint", "generator-only", "baseline", "random")
 BOUNDS = ("none", "elementwise", "norm")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,7 +58,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only; 0 is plain SGD
     weight_decay: float = 5e-4  # L2, on every parameter (base and generator), as the authors'
     lr_schedule: str = "cosine"  # cosine over train.epochs, stepped per epoch (as the authors'), or constant
-    amp: str = "off"
+    amp: str = "auto"  # bf16 on GPUs that support it, off on CPUs (where bf16 is slower); or off, bf16, fp16
     channels_last: bool = False
     device: str = "auto"
     seed: int = 0

@@ -47,7 +47,16 @@ def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it; off on CPUs, where bf16 autocast measured 0.64x fp32 speed
+    (README, Benchmarks) and fp16 is unsupported."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+
+
 def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -161,7 +170,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         load_trained_base(cfg, base)
     trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
     optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(cfg.train.amp, device) == "fp16")
     autocast = autocast_for(cfg.train.amp, device)
 
     # Where to start: the run directory's newest checkpoint. One rule serves --resume (a new invocation) and
