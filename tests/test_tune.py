@@ -123,7 +123,7 @@ def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_pat
     driver = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        finished_first = _wait_for_finished_trial(out, driver, timeout=180)
+        finished_first = _wait_for_finished_trial(out, driver, timeout=600)
         driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the running trials
         log, _ = driver.communicate(timeout=120)
     finally:
