@@ -10,7 +10,8 @@ OUT/curves.csv    per-epoch loss, train and test accuracy of every run (Figure 2
 OUT/report.md, OUT/figures/   the tables beside the paper's, with a paired t-test against the baseline
 
 A thin layer on the sweep driver: one trial per run, no early stopping, trials packed by the resources they
-reserve. Table 2's generator-only runs start from the same seed's baseline, so they run after the baselines.
+reserve. Seeds run one after another, so an interrupted grid holds whole seeds; within a seed, Table 2's
+generator-only runs start from that seed's baselines, so they run after them.
 """
 from __future__ import annotations
 
@@ -74,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
           f"results in {out}", flush=True)
     state = Results(out, plan, runs, previous)
     state.save()
-    phases = [[r for r in pending if r.mode != "generator-only"], [r for r in pending if r.mode == "generator-only"]]
+    phases = []  # seed by seed, generator-only after the baselines it starts from: whole seeds finish first
+    for seed in sorted({r.seed for r in pending}):
+        this_seed = [r for r in pending if r.seed == seed]
+        phases += [[r for r in this_seed if r.mode != "generator-only"],
+                   [r for r in this_seed if r.mode == "generator-only"]]
     for phase in phases:
         if not phase:
             continue
