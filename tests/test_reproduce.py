@@ -151,7 +151,7 @@ def test_aggregation_and_report_against_a_direct_computation(tmp_path):
     mean, std, n = mean_std(list(cells["dnn3"].values()))
     assert (mean, std, n) == (pytest.approx(100 * vpn_alg2.mean()), pytest.approx(100 * vpn_alg2.std(ddof=1)), 4)
 
-    write_report(tmp_path, Plan(tables=[1], data={}, seeds=4), rows, [], "vpn-dist reproduce ...")
+    write_report(tmp_path, Plan(tables=[1], data={}, seeds=4), rows, [])
     report = (tmp_path / "report.md").read_text()
     line = next(ln for ln in report.splitlines() if re.match(r"\| fashion-mnist \| sr \| dnn3 \|", ln))
     d = 100 * (vpn_alg2 - base_acc)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per run (default 1)")
     p.add_argument("--resume", action="store_true",
                    help="finish the grid in OUT (its saved settings): finished runs are not rerun")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/report.md and OUT/figures/ from runs.csv and curves.csv; train nothing")
 
 
 def _names(text: str) -> list[str]:
@@ -58,6 +58,8 @@ def _names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    if args.report_only:
+        return _report_only(out)
     plan = _resumed_plan(args, out) if args.resume else _new_plan(args, out)
     runs = grid(plan)
     runs_root = out / "runs"
@@ -104,6 +106,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_only(out: Path) -> int:
+    """runs.csv and curves.csv refreshed from the run directories that are here, then the report."""
+    saved = out / "reproduce.json"
+    if not saved.is_file():
+        raise UserError(f"--report-only: {out} holds no reproduction grid (no reproduce.json)")
+    plan = Plan.from_dict(json.loads(saved.read_text()))
+    runs = grid(plan)
+    previous = {(r["run_id"], r["table"]): r for r in read_csv(out / "runs.csv") if r.get("plan") == plan.fingerprint()}
+    state = Results(out, plan, runs, previous)
+    for run in runs:
+        if load_summary(out / "runs" / run.run_id):
+            state.record(run, "TERMINATED", report=False)
+    state.save(report=True)
+    print(f"reproduce: report in {out / 'report.md'}")
+    return 0
+
+
 def reproduce_trial(params: dict[str, Any], plan: Plan, runs_root: Path) -> None:
     """One Tune trial: one run of the grid, in its own run directory (resumed from its checkpoint if it has one)."""
     run = next(r for r in grid(plan) if r.run_id == params["run_id"])
@@ -133,7 +152,7 @@ class Results:
     def status(self, run: Run) -> str:
         return self.rows[(run.run_id, run.tables[0])]["status"]
 
-    def record(self, run: Run, trial_status: str) -> None:
+    def record(self, run: Run, trial_status: str, report: bool = True) -> None:
         """The run's row from its metrics.json: finished when it has every planned epoch."""
         summary = load_summary(self.out / "runs" / run.run_id)
         done = bool(summary) and summary.get("epochs_completed", 0) >= summary.get("epochs_planned", 1 << 30)
@@ -144,7 +163,7 @@ class Results:
             self.rows[(run.run_id, row["table"])] = row
         if summary:
             self.curves[run.run_id] = curve_rows(run, summary)
-        self.save()
+        self.save(report=report)  # after every run: an interrupted grid's report is current
 
     def save(self, report: bool = False) -> None:
         order = {r.run_id: i for i, r in enumerate(self.runs)}
@@ -153,9 +172,7 @@ class Results:
         write_csv(self.out / "curves.csv", [p for run_id in sorted(self.curves) for p in self.curves[run_id]],
                   CURVE_COLUMNS)
         if report:
-            command = "vpn-dist reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
-                "reproduce"] else "vpn-dist reproduce"
-            write_report(self.out, self.plan, rows, [p for pts in self.curves.values() for p in pts], command)
+            write_report(self.out, self.plan, rows, [p for pts in self.curves.values() for p in pts])
 
     def next_experiment(self) -> int:
         return len(list(self.out.glob("tune-*")))

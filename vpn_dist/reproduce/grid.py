@@ -84,6 +84,20 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         return cls(**data)
 
+    def command(self, out: str) -> str:
+        """The `vpn-dist reproduce` command line of this plan (data by label: where it lives varies)."""
+        parts = ["vpn-dist reproduce"] + [f"--table {t}" for t in self.tables]
+        parts += [f"--data DATA/{label}" for label in self.data] + [f"--seeds {self.seeds}"]
+        if self.bases:
+            parts.append(f"--bases {','.join(self.bases)}")
+        parts.append(f"--generators {','.join(self.generators)}")
+        if self.modes:
+            parts.append(f"--modes {','.join(self.modes)}")
+        if self.epochs:
+            parts.append(f"--epochs {self.epochs}")
+        parts += [f"--set {o}" for o in self.overrides] + [f"--out {out}"]
+        return " ".join(parts)
+
     def fingerprint(self) -> str:
         """What decides the runs' results (not where the data lives, nor how many seeds or what hardware):
         rows of another plan are never taken as finished."""

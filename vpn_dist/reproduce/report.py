@@ -18,8 +18,8 @@ from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import Plan, Run, paper_numbers
 
 RUN_COLUMNS = ("table", "data", "base", "generator", "mode", "seed", "epochs", "test_acc_alg2", "test_acc_no_noise",
-               "val_acc", "wall_time_s", "status", "run_id", "train_loss", "train_acc", "sigma_bg_auroc",
-               "sigma_between_image_share", "plan")
+               "val_acc", "wall_time_s", "status", "run_id", "train_loss", "train_acc", "sigma_mean", "sigma_max",
+               "sigma_bg_auroc", "sigma_between_image_share", "plan")
 CURVE_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "test_acc_alg2", "test_acc_no_noise", "val_acc",
                  "eval_images", "eval_time_s", "epoch_time_s")
 FINISHED = "finished"
@@ -34,7 +34,7 @@ def run_rows(run: Run, summary: dict[str, Any] | None, status: str, plan_id: str
     base = {"data": run.data, "base": run.base, "generator": run.generator, "mode": run.mode, "seed": run.seed,
             "epochs": summary.get("epochs_completed"), "status": status, "run_id": run.run_id, "plan": plan_id}
     for key in ("test_acc_alg2", "test_acc_no_noise", "val_acc", "wall_time_s", "train_loss", "train_acc",
-                "sigma_bg_auroc", "sigma_between_image_share"):
+                "sigma_mean", "sigma_max", "sigma_bg_auroc", "sigma_between_image_share"):
         base[key] = summary.get(key)
     return [{"table": t, **base} for t in run.tables]
 
@@ -119,13 +119,12 @@ def metric_rows(rows: list[dict[str, Any]]) -> list[tuple[tuple, str, dict[int, 
 # ---------------------------------------------------------------- the report
 
 
-def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
-                 command: str) -> None:
+def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> None:
     paper = paper_numbers()
     finished = sum(r["status"] == FINISHED for r in rows)
     lines = [
         "# Reproduction of the VPN paper's tables", "",
-        f"Command: `{command}`", "",
+        f"Command: `{plan.command(out.name)}` (DATA: where `vpn-dist prep` wrote each data set)", "",
         f"{finished} of {len(rows)} cell x seed rows finished (runs.csv). Test accuracy in %, of the last epoch "
         "(nothing is selected on the test split). Rows are the paper's: baseline and random read the no-noise "
         "rule; a generator row reads Algorithm 2, its \"(no noise)\" row the base model alone.", "",
@@ -153,21 +152,25 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
             lines.append(f"| {key[1]} | {key[2]} | {name} | {mean:.2f} ± {std:.2f} ({n}) | "
                          f"{'' if reference is None else f'{reference:.2f}'} | {vs_paper} | {delta} | {p} |")
         lines.append("")
-    sigma = [r for r in rows if r["status"] == FINISHED and r.get("sigma_bg_auroc") is not None]
+    sigma = [r for r in rows if r["status"] == FINISHED and r.get("sigma_between_image_share") is not None]
     if sigma:
-        lines += ["## Where the noise goes (synthetic masks)", "",
-                  "| data | base | generator | mode | σ background AUROC | σ between-image variance share |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Where the noise goes", "",
+                  "σ on the test images: its mean (pixels are in [0, 1]); the AUROC of σ as a score for \"this pixel is "
+                  "background\" (sets with object masks; 0.5: σ ignores the object, 1: all noise on the background); "
+                  "and the share of σ's variance that varies across images (~0: the generator ignores its input).", "",
+                  "| data | base | generator | mode | σ mean | σ background AUROC | σ between-image variance share |",
+                  "|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list] = {}
         for r in sigma:
             if r["table"] == min(x["table"] for x in sigma if x["run_id"] == r["run_id"]):  # each run once
                 groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
         for key, members in sorted(groups.items(), key=str):
-            auroc = mean_std([m["sigma_bg_auroc"] for m in members])
+            level = mean_std([m["sigma_mean"] for m in members if m.get("sigma_mean") is not None] or [math.nan])
+            auroc = mean_std([m["sigma_bg_auroc"] for m in members if m.get("sigma_bg_auroc") is not None] or [math.nan])
             share = mean_std([m["sigma_between_image_share"] for m in members
                               if m.get("sigma_between_image_share") is not None] or [math.nan])
-            lines.append(f"| {' | '.join(map(str, key))} | {auroc[0]:.3f} ± {auroc[1]:.3f} ({auroc[2]}) | "
-                         f"{share[0]:.3g} ± {share[1]:.2g} ({share[2]}) |")
+            lines.append(f"| {' | '.join(map(str, key))} | {level[0]:.3g} ± {level[1]:.2g} | "
+                         f"{auroc[0]:.3f} ± {auroc[1]:.3f} ({auroc[2]}) | {share[0]:.3g} ± {share[1]:.2g} ({share[2]}) |")
         lines.append("")
     figures = write_figures(out / "figures", rows, curves, paper)
     if figures:
