@@ -1,8 +1,13 @@
-"""Every nonsense config value stops the CLI with a message naming the key, and a non-zero exit."""
+"""Every nonsense config value stops the CLI with a message naming the key, and a non-zero exit; every key is
+documented beside its field and in README's table."""
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from vpn_dist.cli import main
-from vpn_dist.config import RunConfig, apply_overrides, load_yaml, validate
+from vpn_dist.config import RunConfig, apply_overrides, config_keys, load_yaml, validate
 from vpn_dist.errors import UserError
 
 GOOD = ["--base", "dnn3", "--generator", "dnn3", "--mode", "joint", "--epochs", "1"]
@@ -92,3 +97,53 @@ def test_set_keeps_strings_as_typed():
     cfg = apply_overrides(RunConfig(), ["train.fault=1:1:3", "model.base=resnet18", "train.init_from=null"])
     assert (cfg.train.fault, cfg.model.base, cfg.train.init_from) == ("1:1:3", "resnet18", None)
     assert cfg.fault_point() == (1, 1, 3)
+
+
+def test_every_config_key_has_its_doc_beside_it():
+    undocumented = [key for key, f in config_keys().items() if not f.metadata.get("doc")]
+    assert not undocumented, f"give these fields metadata={{'doc': ...}} (config.setting): {undocumented}"
+
+
+def readme_config_table() -> dict[str, str]:
+    """README's "Config keys" table as key -> default text; a row may group keys: "`a`, `b` | 1, 2 | ..."."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Config keys"):]
+    section = section[:section.index("\n## ")]
+    table: dict[str, str] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        key_cell, default_cell = (cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:3])
+        keys = re.findall(r"`([^`]+)`", key_cell)
+        defaults = [d.strip() for d in default_cell.split(",")] if len(keys) > 1 else [default_cell]
+        assert len(keys) == len(defaults), f"README row lists {len(keys)} keys and {len(defaults)} defaults: {line}"
+        for key, default in zip(keys, defaults):
+            assert key not in table, f"README lists {key} twice"
+            table[key] = default
+    return table
+
+
+def as_value(text: str):
+    """A README default as Python: YAML scalars (true, null, 256), floats YAML leaves as text (5e-4), "" for blank."""
+    if not text:
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def test_readme_config_table_lists_every_key_with_its_default():
+    table = readme_config_table()
+    keys = config_keys()
+    missing = {key: f for key, f in keys.items() if key not in table}
+    assert not missing, "README's Config keys table lacks: " + "; ".join(
+        f"`{key}` | {f.default} | {f.metadata['doc']}" for key, f in missing.items())
+    assert not set(table) - set(keys), f"README lists keys the config does not have: {set(table) - set(keys)}"
+    for key, f in keys.items():
+        value = as_value(table[key])
+        assert value == f.default and isinstance(value, bool) == isinstance(f.default, bool), \
+            f"README gives {key} the default {table[key]!r}, the config {f.default!r}"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vpn_dist.errors import UserError
 
@@ -39,6 +40,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (Ray's and the in-process path use the same layout)."""
     found = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
     return found[-1] if found else None
+
+
+def require_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run directory; a UserError when it has none."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise UserError(f"run directory {run_dir} has no checkpoint (expected {run_dir}/checkpoints/epoch_*/)")
+    return found
+
+
+def restore_models(state: dict[str, Any], base: nn.Module, generator: nn.Module | None = None) -> None:
+    """Load a checkpoint's weights into freshly built models: the base, and the generator when one is given."""
+    base.load_state_dict(state["base"])
+    if generator is not None:
+        generator.load_state_dict(state["generator"])
 
 
 def load_latest(run_dir: str | Path) -> dict[str, Any] | None:

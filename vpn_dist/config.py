@@ -22,68 +22,76 @@ LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A config field with its documentation beside it (README's "Config keys" table must agree: tests check it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class DataConfig:
-    path: str = ""  # a directory written by `vpn-dist prep`
-    num_workers: int = 2  # FFCV decoding threads per training worker
-    os_cache: bool = True
-    augment: bool = False  # flip/crop; off to match the paper
+    path: str = setting("", "a directory written by `vpn-dist prep` (`--data`)")
+    num_workers: int = setting(2, "FFCV decoding threads per training worker")
+    os_cache: bool = setting(True, "FFCV page-cache mode")
+    augment: bool = setting(False, "flip/crop augmentation; off, as in the paper")
 
 
 @dataclass
 class ModelConfig:
-    base: str = "dnn3"  # sr, dnn3, resnet18/34/50, or any torchvision classifier
-    generator: str = "dnn3"  # dnn3, resnet18, or none
+    base: str = setting("dnn3", "sr, dnn3, resnet18/34/50, or any torchvision classifier")
+    generator: str = setting("dnn3", "dnn3, resnet18, or none (baseline and random)")
 
 
 @dataclass
 class VPNConfig:
-    mode: str = "joint"
-    gamma: float | None = None  # None: the paper's 0.01 / K
-    m: int = 1  # noise draws per sample
-    bound: str = "none"  # the variance bound ||Sigma|| <= C: none, elementwise (sigma <= C), norm (||sigma||_2 <= C)
-    C: float | None = None
-    random_fraction: float = 0.1  # the `random` ablation: share of pixels that get N(0, 1)
+    mode: str = setting("joint", "joint, generator-only, baseline, random")
+    gamma: float | None = setting(None, "conditioning x_hat = x + gamma * y; null: the paper's 0.01/K (paper_gamma)")
+    m: int = setting(1, "noise draws per sample")
+    bound: str = setting("none", "the variance bound ||Sigma|| <= C: none, elementwise (sigma <= C), "
+                                 "norm (||sigma||_2 <= C per sample); a projection, gradients flow")
+    C: float | None = setting(None, "the bound's C (null with bound none)")
+    random_fraction: float = setting(0.1, "the `random` ablation: share of pixels that get N(0, 1)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 256  # per worker
-    eval_batch_size: int = 512
-    lr: float = 1e-3
+    epochs: int = setting(40, "the paper's setting")
+    batch_size: int = setting(256, "per worker")
+    eval_batch_size: int = setting(512, "evaluation batch")
+    lr: float = setting(1e-3, "the paper's setting")
     # The paper names no optimizer; these are the authors' code's defaults, which fit the paper's baselines best
     # of the candidates measured (docs/fidelity.md)
-    optimizer: str = "sgd"
-    momentum: float = 0.9  # sgd only; 0 is plain SGD
-    weight_decay: float = 5e-4  # L2, on every parameter (base and generator), as the authors'
-    lr_schedule: str = "cosine"  # cosine over train.epochs, stepped per epoch (as the authors'), or constant
-    amp: str = "auto"  # bf16 on GPUs that support it, off on CPUs (where bf16 is slower); or off, bf16, fp16
-    channels_last: bool = False
-    device: str = "auto"
-    seed: int = 0
-    eval_every: int = 1  # epochs between test evaluations (the last epoch always evaluates)
-    epoch_eval_images: int = 500  # per-epoch curves use this fixed random subset of each split (0: all);
-    # the last epoch always evaluates every image by both rules
-    log_every: int = 10  # steps between per-step TensorBoard points
-    figure_every: int = 5  # epochs between Figure-4 panels
-    keep_checkpoints: int = 2
-    max_failures: int = 0  # Ray Train restarts after a worker dies
-    fault: str | None = None  # fault injection for drills: "RANK:EPOCH:STEP" exits that rank once
-    init_from: str | None = None  # generator-only: the run dir of the trained base model
+    optimizer: str = setting("sgd", "sgd (the authors' code) or adam")
+    momentum: float = setting(0.9, "sgd only; 0 is plain SGD")
+    weight_decay: float = setting(5e-4, "L2, on every parameter (base and generator), as the authors'")
+    lr_schedule: str = setting("cosine", "cosine over train.epochs, stepped per epoch (as the authors'), or constant")
+    amp: str = setting("auto", "auto: bf16 on GPUs that support it, off on CPUs (where bf16 is slower); "
+                               "or off, bf16, fp16 (GPU, with a gradient scaler)")
+    channels_last: bool = setting(False, "memory format of models and batches")
+    device: str = setting("auto", "auto, cpu, cuda")
+    seed: int = setting(0, "model init, data order and noise (reseeded per epoch and rank: resumes replay exactly)")
+    eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")
+    epoch_eval_images: int = setting(500, "per-epoch curves use this fixed random subset of each split (0: all); "
+                                          "the last epoch always evaluates every image by both rules")
+    log_every: int = setting(10, "steps between per-step TensorBoard points")
+    figure_every: int = setting(5, "epochs between Figure-4 panels")
+    keep_checkpoints: int = setting(2, "checkpoints kept")
+    max_failures: int = setting(0, "Ray Train restarts of the worker group after a worker dies (-1: unlimited)")
+    fault: str | None = setting(None, "fault injection for drills: RANK:EPOCH:STEP exits that rank once")
+    init_from: str | None = setting(None, "generator-only: the run dir of the trained base model (`--init-from`)")
 
 
 @dataclass
 class DistConfig:
-    workers: int = 0  # 0: in this process, no Ray; N >= 1: Ray Train with N workers
-    gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 1.0  # with dist.gpu: a fraction lets small runs share a GPU (e.g. 0.25: four per GPU)
+    workers: int = setting(0, "0: in this process, no Ray; N >= 1: Ray Train with N workers")
+    gpu: bool = setting(False, "one GPU (or dist.gpus_per_worker) per Ray Train worker")
+    cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker (its torch threads on CPU)")
+    gpus_per_worker: float = setting(1.0, "with dist.gpu: a fraction lets small runs share a GPU "
+                                          "(e.g. 0.25: four per GPU)")
 
 
 @dataclass
 class RunConfig:
-    out: str = ""
+    out: str = setting("", "the run directory (`--out`)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     vpn: VPNConfig = field(default_factory=VPNConfig)
@@ -98,6 +106,27 @@ class RunConfig:
             return None
         rank, epoch, step = (int(v) for v in self.train.fault.split(":"))
         return rank, epoch, step
+
+
+def config_keys(node: Any = None, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted config key (`train.lr`, ...) -> its dataclass field (default and metadata["doc"])."""
+    keys: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(node or RunConfig):
+        if f.default_factory is not dataclasses.MISSING:  # a section
+            keys.update(config_keys(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = f
+    return keys
+
+
+def paper_gamma(num_classes: int) -> float:
+    """The paper's gamma, 0.01 / K (the authors' code has 0.01 / (K - 1))."""
+    return 0.01 / num_classes
+
+
+def resolved_gamma(cfg: RunConfig, num_classes: int) -> float:
+    """vpn.gamma, or the paper's when it is null."""
+    return cfg.vpn.gamma if cfg.vpn.gamma is not None else paper_gamma(num_classes)
 
 
 # ---------------------------------------------------------------- building

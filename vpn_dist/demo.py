@@ -8,9 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
-from vpn_dist.cli import main as cli
+from data_prep import prepare
 from vpn_dist.config import RunConfig, from_dict, load_yaml
-from vpn_dist.launch import init_ray, train
+from vpn_dist.launch import ray_session, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,13 +19,9 @@ def main() -> int:
     root = Path(os.environ.get("VPN_DEMO_DIR", "demo")).resolve()
     data = root / "data"
     if not (data / "meta.json").exists():
-        if cli(["prep", "synthetic", "--out", str(data), "--val", "500", "--seed", "0"]) != 0:
-            return 1
-    init_ray()  # one local Ray for both runs
-    import ray
-
-    try:
-        results = {}
+        prepare("synthetic", data, val=500, seed=0)
+    results = {}
+    with ray_session():  # one local Ray for both runs
         for name, overrides in (("baseline", {"model.generator": "none", "vpn.mode": "baseline"}),
                                 ("vpn-joint", {})):
             out = root / "runs" / name
@@ -35,8 +31,6 @@ def main() -> int:
             print(f"\n=== {name}: {cfg.model.base} base, generator {cfg.model.generator}, 2 Ray Train workers "
                   f"===", flush=True)
             results[name] = train(cfg)
-    finally:
-        ray.shutdown()
 
     print("\n| run       | test acc (Algorithm 2) | test acc (no noise) | sigma background AUROC | sigma between-image "
           "share |")

@@ -1,6 +1,7 @@
 """Start a run: validate, lay out RUN_DIR, then call the train loop here or on Ray Train workers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -11,12 +12,12 @@ from typing import Any
 import torch
 
 from vpn_dist import checkpoint as ckpt
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, save_yaml, validate
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, resolved_gamma, save_yaml, validate
 from vpn_dist.data import read_meta
 from vpn_dist.errors import TrainingFailed, UserError
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
 from vpn_dist.observe import write_json_atomic
-from vpn_dist.train import autocast_for, build_models, pick_device, resolved_gamma, train_loop
+from vpn_dist.train import autocast_for, build_models, pick_device, train_loop
 
 
 def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None) -> dict[str, Any]:
@@ -30,8 +31,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     cfg.out, cfg.data.path = str(run_dir), str(Path(cfg.data.path).resolve())
     if cfg.train.init_from:
         cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
-    if cfg.vpn.gamma is None:
-        cfg.vpn.gamma = 0.01 / meta["num_classes"]  # the paper's gamma, written out in config.yaml
+    cfg.vpn.gamma = resolved_gamma(cfg, meta["num_classes"])  # the paper's gamma, written out in config.yaml
     if resume:
         done = ckpt.load_latest(run_dir)
         if done is None:
@@ -43,10 +43,10 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
 
-    config = cfg.to_dict() | {"_invocation": uuid.uuid4().hex}
+    invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
     if cfg.dist.workers == 0:
-        return train_loop(config)
-    run_on_ray(cfg, config, ray_callbacks or [])
+        return train_loop(cfg, invocation=invocation)
+    run_on_ray(cfg, invocation, ray_callbacks or [])
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -58,40 +58,48 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
 
 
-def init_ray(num_cpus: int = 0) -> bool:
-    """Join the cluster at RAY_ADDRESS, or start a local Ray on loopback; True when this call connected (the
-    caller then calls ray.shutdown(), which leaves a cluster running and stops a local Ray)."""
+@contextlib.contextmanager
+def ray_session(num_cpus: int = 0):
+    """Ray for the `with` block: join the cluster at RAY_ADDRESS, or start a local Ray on loopback with at least
+    `num_cpus` CPUs. At the end it stops only what it started: ray.shutdown() leaves a cluster running, and a Ray
+    this process was already connected to (a Tune trial, an outer session) stays connected.
+
+    Enter it before anything imports Ray (a local Ray reads its loopback settings at import)."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return False
+        yield
+        return
     local = not os.environ.get("RAY_ADDRESS")
     if local:
         local_ray_environment()
     import ray
 
-    if not local:
+    if local:
+        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                 num_cpus=max(os.cpu_count() or 1, num_cpus))
+    else:
         ray.init()
-        return True
-    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=max(os.cpu_count() or 1, num_cpus))
-    return True
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
-def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
+def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list) -> None:
     """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
 
     With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
     local Ray bound to 127.0.0.1 and stops it at the end.
     """
-    started_here = init_ray(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker)  # before Ray is imported
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker):
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as RayRunConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
-    try:
         run_dir = Path(cfg.out)
         trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=config | {"_using_ray": True},
+            train_on_ray_worker,
+            train_loop_config={"run": cfg.to_dict(), "invocation": invocation},
             scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=cfg.dist.gpu,
                                          resources_per_worker={"CPU": cfg.dist.cpus_per_worker} | (
                                              {"GPU": cfg.dist.gpus_per_worker} if cfg.dist.gpu else {})),
@@ -107,9 +115,11 @@ def run_on_ray(cfg: RunConfig, config: dict[str, Any], callbacks: list) -> None:
             hint = (f"\nits checkpoints are kept: continue with `vpn-dist train --resume {run_dir}`"
                     if ckpt.latest_checkpoint(run_dir) else "")
             raise TrainingFailed(f"the Ray Train run failed: {_worker_errors(err)}{hint}") from None
-    finally:
-        if started_here:
-            ray.shutdown()
+
+
+def train_on_ray_worker(config: dict[str, Any]) -> None:
+    """What Ray Train runs on each worker. Ray passes one dict: it carries the run config and the call's id."""
+    train_loop(from_dict(config["run"]), using_ray=True, invocation=config["invocation"])
 
 
 def _worker_errors(err: Exception) -> str:
@@ -135,9 +145,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     cfg = load_run(run_dir)
     if data_dir:
         cfg.data.path = str(data_dir)
-    found = ckpt.latest_checkpoint(run_dir)
-    if found is None:
-        raise UserError(f"run directory {run_dir} has no checkpoint")
+    found = ckpt.require_checkpoint(run_dir)
     state = ckpt.load_checkpoint(found)
     meta = read_meta(cfg.data.path)
     if tuple(meta["shape"]) != tuple(state["meta"]["shape"]) or meta["num_classes"] != state["meta"]["num_classes"]:
@@ -146,9 +154,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     device = pick_device(cfg, using_ray=False)
     num_classes = meta["num_classes"]
     base, generator = build_models(cfg, meta, device)
-    base.load_state_dict(state["base"])
-    if generator is not None:
-        generator.load_state_dict(state["generator"])
+    ckpt.restore_models(state, base, generator)
     torch.manual_seed(cfg.train.seed)
     result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
     result |= evaluate_splits(base, generator, eval_loaders(cfg, meta, device), num_classes=num_classes,

@@ -1,7 +1,8 @@
 """The one train loop: Algorithm 1 with AMP, per-epoch evaluation, checkpoints and metrics.
 
-`train_loop(config)` runs unchanged in this process (world size 1, no Ray) and as a Ray Train worker
-(`torch.distributed` initialised by Ray, DDP over gloo or nccl).
+`train_loop(cfg)` runs unchanged in this process (world size 1, no Ray) and as a Ray Train worker
+(`torch.distributed` initialised by Ray, DDP over gloo or nccl). It is three steps: `setup_run`, then per epoch
+`train_epoch` (Algorithm 1) and `end_epoch` (evaluation, Figure 4, checkpoint, metrics.json).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vpn_dist import checkpoint as ckpt
-from vpn_dist.config import RunConfig, from_dict
+from vpn_dist.config import RunConfig, resolved_gamma
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
@@ -29,10 +31,6 @@ from vpn_dist.models import build_base, build_generator
 from vpn_dist.observe import RunLog, write_json_atomic
 
 FIGURE_IMAGES = 6
-
-
-def resolved_gamma(cfg: RunConfig, num_classes: int) -> float:
-    return cfg.vpn.gamma if cfg.vpn.gamma is not None else 0.01 / num_classes
 
 
 def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
@@ -80,19 +78,12 @@ def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
 
 def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
     """generator-only (paper Table 2): the base comes trained from --init-from and stays fixed."""
-    trained = ckpt.load_checkpoint(_checkpoint_of(cfg.train.init_from))
+    trained = ckpt.load_checkpoint(ckpt.require_checkpoint(cfg.train.init_from))
     if trained["config"]["model"]["base"] != cfg.model.base:
         raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
                         f"not {cfg.model.base!r}")
-    base.load_state_dict(trained["base"])
+    ckpt.restore_models(trained, base)
     base.requires_grad_(False)
-
-
-def _checkpoint_of(run_dir: str) -> Path:
-    found = ckpt.latest_checkpoint(run_dir)
-    if found is None:
-        raise UserError(f"run directory {run_dir} has no checkpoint (expected {run_dir}/checkpoints/epoch_*/)")
-    return found
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
@@ -149,46 +140,82 @@ def maybe_inject_fault(cfg: RunConfig, run_dir: Path, rank: int, epoch: int, ste
         os._exit(1)
 
 
-def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one run described by a RunConfig dict; returns the final metrics (rank 0's are complete)."""
-    using_ray = bool(config.pop("_using_ray", False))
-    invocation = config.pop("_invocation", None)  # one id per `vpn-dist train` call, shared by its restarts
-    cfg = from_dict(config)
+def train_loop(cfg: RunConfig, *, using_ray: bool = False, invocation: str | None = None) -> dict[str, Any]:
+    """Train one run; returns the final metrics (rank 0's are complete).
+
+    using_ray: this process is a Ray Train worker (its device, checkpoints and metrics go through Ray Train).
+    invocation: one id per `vpn-dist train` call, shared by the restarts Ray makes after a worker failure.
+    """
+    run = setup_run(cfg, using_ray, invocation)
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        epoch_start = time.perf_counter()
+        metrics = train_epoch(run, epoch)
+        end_epoch(run, metrics, epoch_start)
+    final = summarize(cfg, run.history, run.run_dir)
+    if run.worker.rank == 0:
+        write_json_atomic(run.run_dir / "metrics.json", final)
+        run.log.hparams(hparams_of(cfg, run.gamma), final)
+    run.log.close()
+    return final
+
+
+@dataclass
+class Run:
+    """One worker's training: what `setup_run` builds, and the counters each epoch advances."""
+
+    cfg: RunConfig
+    worker: Worker
+    run_dir: Path
+    device: torch.device
+    meta: dict[str, Any]
+    gamma: float
+    base: nn.Module
+    generator: nn.Module | None
+    trainable: list[nn.Module]  # what the optimizer updates (not a generator-only run's fixed base)
+    base_step: nn.Module  # the modules the training step calls: DDP-wrapped when they train on several workers
+    generator_step: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    train_batches: Loader
+    epoch_eval: dict[str, Loader]  # rank 0: per-epoch curves read a fixed subset of each split
+    final_eval: dict[str, Loader]  # rank 0: the last epoch reads every image (the final metrics)
+    log: RunLog
+    start_epoch: int
+    history: list[dict[str, Any]]
+    scaler_skipped: int
+    global_step: int
+
+
+def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
+    """Device, models, optimizer, the state to start from, loaders, and this start's line in attempts.jsonl."""
     worker = Worker(using_ray)
     run_dir = Path(cfg.out)
     device = pick_device(cfg, using_ray)
     if using_ray and device.type == "cpu":  # the CPUs Ray reserved for this worker: more threads only oversubscribe
         torch.set_num_threads(cfg.dist.cpus_per_worker)
     meta = read_meta(cfg.data.path)
-    num_classes = meta["num_classes"]
-    gamma, m, bound, C = resolved_gamma(cfg, num_classes), cfg.vpn.m, cfg.vpn.bound, cfg.vpn.C
-    mode = cfg.vpn.mode
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     base, generator = build_models(cfg, meta, device)
-    if mode == "generator-only":
+    if cfg.vpn.mode == "generator-only":
         load_trained_base(cfg, base)
     trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
     optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
     scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(cfg.train.amp, device) == "fp16")
-    autocast = autocast_for(cfg.train.amp, device)
 
     # Where to start: the run directory's newest checkpoint. One rule serves --resume (a new invocation) and
     # recovery after a worker failure (Ray restarts this function in the same invocation), in and out of Ray.
     state = ckpt.load_latest(run_dir)
-    earlier = _read_attempts(run_dir)
-    reason = "start" if state is None else (
-        "recovery" if any(a.get("invocation") == invocation for a in earlier) else "resume")
-    start_epoch, history = 0, []
+    start_epoch, history, scaler_skipped = 0, [], 0
     if state is not None:
-        base.load_state_dict(state["base"])
-        if generator is not None:
-            generator.load_state_dict(state["generator"])
+        ckpt.restore_models(state, base, generator)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
-    if mode == "generator-only":
+        start_epoch, history, scaler_skipped = state["epoch"], state["history"], state["scaler_skipped"]
+    if cfg.vpn.mode == "generator-only":
         base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too
 
     # DDP averages gradients of what trains; a frozen base needs no wrapper.
@@ -199,91 +226,109 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                        os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
     train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
                            distributed=worker.world_size > 1, augment=cfg.data.augment, **loader_args)
-    # Per-epoch curves read a fixed subset of each split; the last epoch reads every image (the final metrics).
     epoch_eval, final_eval = ({}, {}) if worker.rank != 0 else (
         eval_loaders(cfg, meta, device, images=cfg.train.epoch_eval_images), eval_loaders(cfg, meta, device))
-    log = RunLog(run_dir, enabled=worker.rank == 0)
     if worker.rank == 0:
-        with open(run_dir / "attempts.jsonl", "a") as attempts:
-            attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
-                                       "world_size": worker.world_size, "invocation": invocation,
-                                       "master_addr": os.environ.get("MASTER_ADDR")}) + "\n")
-    scaler_skipped = state["scaler_skipped"] if state else 0
-    global_step = start_epoch * len(train_batches)
+        record_attempt(run_dir, invocation, resumed=state is not None, start_epoch=start_epoch,
+                       world_size=worker.world_size)
+    return Run(cfg=cfg, worker=worker, run_dir=run_dir, device=device, meta=meta,
+               gamma=resolved_gamma(cfg, meta["num_classes"]), base=base, generator=generator, trainable=trainable,
+               base_step=base_step, generator_step=generator_step,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast_for(cfg.train.amp, device),
+               train_batches=train_batches, epoch_eval=epoch_eval, final_eval=final_eval,
+               log=RunLog(run_dir, enabled=worker.rank == 0), start_epoch=start_epoch, history=history,
+               scaler_skipped=scaler_skipped, global_step=start_epoch * len(train_batches))
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, worker.rank))
-        train_batches.set_epoch(epoch)
-        for mod in trainable:
-            mod.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        rows = 0
-        epoch_start = time.perf_counter()
-        for step, (x, y) in enumerate(train_batches):
-            maybe_inject_fault(cfg, run_dir, worker.rank, epoch, step)
-            draws = m if generator is not None else 1
-            with autocast:
-                if generator is not None:  # Algorithm 1
-                    sigma = generate_sigma(generator_step, x, y, gamma, bound, C)  # Sigma = f(x + gamma y), <= C
-                    eps = sample_noise(sigma, m)  # eps_ij = sigma_i * e_ij, e_ij ~ N(0, I)
-                    inputs = x.repeat(m, 1, 1, 1) + eps  # the base model sees x + eps, m times
-                elif mode == "random":
-                    inputs = random_pixel_noise(x, cfg.vpn.random_fraction)
-                else:
-                    inputs = x
-                logits = base_step(inputs)
-                loss = vpn_loss(logits, y, draws)  # eq. 17 (plain cross-entropy when draws = 1, no noise)
-            loss_value = loss.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch} step {step} "
-                                         f"(rank {worker.rank}); lower train.lr or bound sigma with vpn.bound/vpn.C")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-            scaler.step(optimizer)
-            scaler.update()
-            scaler_skipped += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(dim=1) == y.repeat(draws)).sum() / draws
-            rows += len(y)
-            global_step += 1
-            if global_step % cfg.train.log_every == 0:
-                log.step(global_step, loss_value)
-        scheduler.step()
-        train_time = time.perf_counter() - epoch_start
 
-        metrics = {"epoch": epoch + 1, "train_loss": float(loss_sum) / rows, "train_acc": float(correct) / rows,
-                   "lr": optimizer.param_groups[0]["lr"], "scaler_skipped_steps": scaler_skipped,
-                   "train_images_per_sec": rows * worker.world_size / train_time}
-        last = epoch + 1 == cfg.train.epochs
-        if worker.rank == 0 and (last or (epoch + 1) % cfg.train.eval_every == 0):
-            eval_start = time.perf_counter()
-            metrics.update(evaluate_splits(base, generator, final_eval if last else epoch_eval,
-                                           num_classes=num_classes, gamma=gamma, bound=bound, C=C, autocast=autocast))
-            metrics["eval_images"] = "all" if last or not cfg.train.epoch_eval_images else cfg.train.epoch_eval_images
-            if generator is not None and (last or (epoch + 1) % cfg.train.figure_every == 0):
-                log.figure(epoch + 1, *_figure_inputs(generator, final_eval["test"], gamma, bound, C))
-            metrics["eval_time_s"] = time.perf_counter() - eval_start
-        metrics["epoch_time_s"] = time.perf_counter() - epoch_start
-        history.append(metrics)
-        log.epoch(epoch + 1, metrics)
-        state = None
-        if worker.rank == 0:
-            state = {"epoch": epoch + 1, "base": base.state_dict(), "optimizer": optimizer.state_dict(),
-                     "generator": generator.state_dict() if generator is not None else None,
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "scaler_skipped": scaler_skipped, "history": history, "config": cfg.to_dict(),
-                     "gamma": gamma, "meta": meta}
-            write_json_atomic(run_dir / "metrics.json", summarize(cfg, history, run_dir))
-        worker.report(metrics, state, run_dir, cfg.train.keep_checkpoints)
+def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One epoch of Algorithm 1 over this rank's shard; returns the epoch's training metrics."""
+    cfg, vpn, rank = run.cfg, run.cfg.vpn, run.worker.rank
+    base, generator, optimizer, scaler = run.base_step, run.generator_step, run.optimizer, run.scaler
+    torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
+    run.train_batches.set_epoch(epoch)
+    for mod in run.trainable:
+        mod.train()
+    draws = vpn.m if generator is not None else 1
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device)
+    rows = 0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(run.train_batches):
+        maybe_inject_fault(cfg, run.run_dir, rank, epoch, step)
+        with run.autocast:
+            if generator is not None:  # Algorithm 1
+                sigma = generate_sigma(generator, x, y, run.gamma, vpn.bound, vpn.C)  # Sigma = f(x + gamma y), <= C
+                eps = sample_noise(sigma, vpn.m)  # eps_ij = sigma_i * e_ij, e_ij ~ N(0, I)
+                inputs = x.repeat(vpn.m, 1, 1, 1) + eps  # the base model sees x + eps, m times
+            elif vpn.mode == "random":
+                inputs = random_pixel_noise(x, vpn.random_fraction)
+            else:
+                inputs = x
+            logits = base(inputs)
+            loss = vpn_loss(logits, y, draws)  # eq. 17 (plain cross-entropy when draws = 1, no noise)
+        loss_value = loss.item()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch} step {step} "
+                                     f"(rank {rank}); lower train.lr or bound sigma with vpn.bound/vpn.C")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
+        scaler.step(optimizer)
+        scaler.update()
+        run.scaler_skipped += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(dim=1) == y.repeat(draws)).sum() / draws
+        rows += len(y)
+        run.global_step += 1
+        if run.global_step % cfg.train.log_every == 0:
+            run.log.step(run.global_step, loss_value)
+    run.scheduler.step()
+    train_time = time.perf_counter() - start
+    return {"epoch": epoch + 1, "train_loss": float(loss_sum) / rows, "train_acc": float(correct) / rows,
+            "lr": optimizer.param_groups[0]["lr"], "scaler_skipped_steps": run.scaler_skipped,
+            "train_images_per_sec": rows * run.worker.world_size / train_time}
 
-    final = summarize(cfg, history, run_dir)
-    if worker.rank == 0:
-        write_json_atomic(run_dir / "metrics.json", final)
-        log.hparams(hparams_of(cfg, gamma), final)
-    log.close()
-    return final
+
+def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
+    """Rank 0 evaluates and draws Figure 4 when they are due, then writes the checkpoint and metrics.json; every rank
+    reports the epoch (under Ray a barrier across workers)."""
+    cfg, epoch = run.cfg, metrics["epoch"]
+    last = epoch == cfg.train.epochs
+    if run.worker.rank == 0 and (last or epoch % cfg.train.eval_every == 0):
+        eval_start = time.perf_counter()
+        metrics.update(evaluate_splits(run.base, run.generator, run.final_eval if last else run.epoch_eval,
+                                       num_classes=run.meta["num_classes"], gamma=run.gamma, bound=cfg.vpn.bound,
+                                       C=cfg.vpn.C, autocast=run.autocast))
+        metrics["eval_images"] = "all" if last or not cfg.train.epoch_eval_images else cfg.train.epoch_eval_images
+        if run.generator is not None and (last or epoch % cfg.train.figure_every == 0):
+            run.log.figure(epoch, *_figure_inputs(run.generator, run.final_eval["test"], run.gamma, cfg.vpn.bound,
+                                                  cfg.vpn.C))
+        metrics["eval_time_s"] = time.perf_counter() - eval_start
+    metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+    run.history.append(metrics)
+    run.log.epoch(epoch, metrics)
+    state = None
+    if run.worker.rank == 0:
+        state = {"epoch": epoch, "base": run.base.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "generator": run.generator.state_dict() if run.generator is not None else None,
+                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                 "scaler_skipped": run.scaler_skipped, "history": run.history, "config": cfg.to_dict(),
+                 "gamma": run.gamma, "meta": run.meta}
+        write_json_atomic(run.run_dir / "metrics.json", summarize(cfg, run.history, run.run_dir))
+    run.worker.report(metrics, state, run.run_dir, cfg.train.keep_checkpoints)
+
+
+def record_attempt(run_dir: Path, invocation: str | None, *, resumed: bool, start_epoch: int,
+                   world_size: int) -> None:
+    """attempts.jsonl gets one line per start: fresh, --resume (a checkpoint from an earlier invocation), or
+    recovery (Ray restarted the workers of this invocation after a failure)."""
+    earlier = _read_attempts(run_dir)
+    reason = "start" if not resumed else (
+        "recovery" if any(a.get("invocation") == invocation for a in earlier) else "resume")
+    with open(run_dir / "attempts.jsonl", "a") as attempts:
+        attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
+                                   "world_size": world_size, "invocation": invocation,
+                                   "master_addr": os.environ.get("MASTER_ADDR")}) + "\n")
 
 
 def _figure_inputs(generator: nn.Module, batches: Loader, gamma: float, bound: str, C: float | None):

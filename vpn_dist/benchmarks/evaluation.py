@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from vpn_dist.config import paper_gamma
 from vpn_dist.errors import UserError
 
 
@@ -42,16 +43,17 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         shape = tuple(int(v) for v in args.shape.lower().split("x"))
-        assert len(shape) == 3 and min(shape) >= 1
-    except (ValueError, AssertionError):
-        raise UserError(f"--shape {args.shape!r}: give CxHxW, e.g. 3x32x32") from None
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"--shape {args.shape!r}: give CxHxW, e.g. 3x32x32")
     if args.classes < 2 or args.images < 1 or args.batch_size < 1 or args.repeats < 1:
         raise UserError("--classes must be >= 2, and --images, --batch-size, --repeats >= 1")
     torch.manual_seed(0)
     base, generator = build_base(args.base, shape, args.classes).eval(), build_generator(args.generator, shape).eval()
     x = torch.rand(args.images, *shape)
     e = torch.randn(args.images, args.classes, *shape)
-    gamma = 0.01 / args.classes
+    gamma = paper_gamma(args.classes)
     plain = lambda inputs: generator(inputs)  # noqa: E731 - the same generator, without the shortcut
     batches = [(slice(i, i + args.batch_size)) for i in range(0, args.images, args.batch_size)]
 

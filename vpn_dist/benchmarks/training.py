@@ -57,29 +57,24 @@ def throughput(metrics: dict) -> float:
 def dataset(args: argparse.Namespace, tmp: Path) -> str:
     if args.data:
         return args.data
-    from vpn_dist.cli import main
+    from data_prep import prepare
 
     path = tmp / "synthetic"
-    assert main(["prep", "synthetic", "--out", str(path), "--train-size", "4000", "--test-size", "500"]) == 0
+    prepare("synthetic", path, train_size=4000, test_size=500)
     return str(path)
 
 
 def run_ray(args: argparse.Namespace) -> int:
-    from vpn_dist.launch import init_ray, train
+    from vpn_dist.launch import ray_session, train
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = dataset(args, tmp)
         rows = [("in-process", throughput(train(job(args, data, tmp / "inproc", 0))))]
-        init_ray()  # start-up is not timed
-        import ray
-
-        try:
+        with ray_session():  # started before the timed runs: start-up is not timed
             for workers in range(1, args.max_workers + 1):
                 rows.append((f"Ray Train, {workers} worker{'s' * (workers > 1)}",
                              throughput(train(job(args, data, tmp / f"ray{workers}", workers)))))
-        finally:
-            ray.shutdown()
     reference = rows[0][1]
     one_worker = rows[1][1]
     print(f"\njob: {args.base} base, {args.generator} generator, global batch {args.batch_size}, amp {args.amp}, "

@@ -16,12 +16,14 @@ generator-only runs start from that seed's baselines, so they run after them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from vpn_dist.errors import UserError
+from vpn_dist.launch import ray_session
 from vpn_dist.observe import write_json_atomic
 from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
@@ -82,19 +84,18 @@ def run(args: argparse.Namespace) -> int:
         this_seed = [r for r in pending if r.seed == seed]
         phases += [[r for r in this_seed if r.mode != "generator-only"],
                    [r for r in this_seed if r.mode == "generator-only"]]
-    for phase in phases:
-        if not phase:
-            continue
-        trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
-        train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
-        if plan.gpus_per_trial:
-            train_resources["GPU"] = plan.gpus_per_trial
-        trials = driver.run_trials(
-            trial, {"run_id": {"grid_search": [r.run_id for r in phase]}}, out, resume=False,
-            experiment=f"tune-{state.next_experiment()}", train_resources=train_resources,
-            max_concurrent=args.max_concurrent, callbacks=[state.callback()])
-        for t in trials:  # a trial that died before any report still gets its row
-            state.record(by_id[t.config["run_id"]], t.status)
+    train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
+    if plan.gpus_per_trial:
+        train_resources["GPU"] = plan.gpus_per_trial
+    trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
+    with ray_session(num_cpus=plan.cpus_per_trial) if pending else contextlib.nullcontext():  # one Ray, all phases
+        for phase in filter(None, phases):
+            trials = driver.run_trials(
+                trial, {"run_id": {"grid_search": [r.run_id for r in phase]}}, out, resume=False,
+                experiment=f"tune-{state.next_experiment()}", train_resources=train_resources,
+                max_concurrent=args.max_concurrent, callbacks=[state.callback()])
+            for t in trials:  # a trial that died before any report still gets its row
+                state.record(by_id[t.config["run_id"]], t.status, report=False)
     state.save(report=True)
     unfinished = [r for r in runs if state.status(r) != FINISHED]
     if unfinished:

@@ -1,7 +1,7 @@
 """The one place that runs a set of trials on Ray Tune, with resume; and the trial body that runs one vpn-dist run
 inside a trial. `vpn-dist tune` (ASHA on a search space) and a grid with no early stopping both sit on it.
 
-Ray is imported only inside these functions, after `init_ray` (a local Ray stays on loopback).
+Ray is imported only inside these functions, within `ray_session` (a local Ray stays on loopback).
 """
 from __future__ import annotations
 
@@ -34,16 +34,15 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     callbacks: Tune callbacks (e.g. to record each trial as it ends); a restored experiment keeps the pickled
       ones it started with.
     """
-    from vpn_dist.launch import init_ray
+    from vpn_dist.launch import ray_session
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
-    started_here = init_ray(num_cpus=int(train_resources.get("CPU", 0)))  # before Ray's import: loopback
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     state = out / experiment
-    try:
+    with ray_session(num_cpus=int(train_resources.get("CPU", 0))):
+        import ray
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+
         trainable = tune.with_resources(trial, trial_resources or DRIVER_RESOURCES)
         if resume:
             if not tune.Tuner.can_restore(str(state)):
@@ -67,9 +66,6 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
         # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
         # state keeps the unfinished ones PENDING (what resume runs).
         return list(tune.ExperimentAnalysis(str(state)).trials)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def default_concurrency(cluster: dict[str, float], train_resources: dict[str, float]) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, paper_gamma, validate
 from vpn_dist.errors import UserError
 
 SPECIAL_AXES = ("arch", "vpn.bound_C", "vpn.gamma_scale")
@@ -156,7 +156,7 @@ def resolve_trial(params: dict[str, Any], settings: SweepSettings, run_dir: str)
         elif key == "vpn.gamma_scale":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise UserError(f"axis 'vpn.gamma_scale' must be a number >= 0 (gamma = scale * 0.01 / K), got {value!r}")
-            values["vpn.gamma"] = float(value) * 0.01 / data["num_classes"]
+            values["vpn.gamma"] = float(value) * paper_gamma(data["num_classes"])
         else:
             values[key] = value
     cfg = from_dict(values)
