@@ -36,9 +36,14 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} cannot be read: {err}") from None
 
 
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoint directories, oldest first (Ray's and the in-process path share the layout)."""
+    return sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (Ray's and the in-process path use the same layout)."""
-    found = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    """The newest complete checkpoint of a run."""
+    found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -59,7 +64,7 @@ def restore_models(state: dict[str, Any], base: nn.Module, generator: nn.Module 
 
 def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
     """The newest checkpoint of a run that reads back whole; one cut short by a crash is skipped."""
-    found = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    found = checkpoints(run_dir)
     for directory in reversed(found):
         try:
             return load_checkpoint(directory)
@@ -70,6 +75,6 @@ def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (Ray's CheckpointConfig does this under Ray)."""
-    found = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"epoch_*/{STATE_FILE}"))
+    found = checkpoints(run_dir)
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
