@@ -133,12 +133,13 @@ def check_plan(plan: Plan) -> None:
     for name in plan.generators:
         if name not in GENERATORS:
             raise UserError(f"--generators: unknown generator {name!r}; use {', '.join(GENERATORS)}")
+    for mode in plan.modes or []:  # each mode must be a row of some requested table
+        if not any(mode in TABLES[number].modes for number in plan.tables):
+            shown = "; ".join(f"Table {n}: {', '.join(TABLES[n].modes)}" for n in plan.tables)
+            raise UserError(f"--modes {mode}: {' and '.join(f'Table {n}' for n in plan.tables)} "
+                            f"{'has' if len(plan.tables) == 1 else 'have'} no {mode} rows ({shown})")
     for number in plan.tables:
         table = TABLES[number]
-        for mode in plan.modes or []:
-            if mode not in table.modes:
-                raise UserError(f"--modes {mode}: Table {number} has no {mode} rows (its modes: "
-                                f"{', '.join(table.modes)})")
         for label in plan.data:
             if label in PAPER_DATASETS and label not in table.datasets:
                 raise UserError(f"--data {plan.data[label]} is {label}, which Table {number} does not show "
