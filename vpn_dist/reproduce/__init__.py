@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
 from vpn_dist.launch import ray_session
 from vpn_dist.observe import write_json_atomic
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     needed = {r.baseline() for r in pending if r.mode == "generator-only"}
     by_id = {r.run_id: r for r in runs}
     for base_run in needed:
-        if by_id[base_run.run_id] not in pending and not _has_checkpoint(runs_root / base_run.run_id):
+        if by_id[base_run.run_id] not in pending and not checkpoints(runs_root / base_run.run_id):
             pending.append(by_id[base_run.run_id])
     print(f"reproduce: {len(runs)} runs in the grid, {len(runs) - len(pending)} finished, {len(pending)} to run; "
           f"results in {out}", flush=True)
@@ -128,12 +129,6 @@ def reproduce_trial(params: dict[str, Any], plan: Plan, runs_root: Path) -> None
     """One Tune trial: one run of the grid, in its own run directory (resumed from its checkpoint if it has one)."""
     run = next(r for r in grid(plan) if r.run_id == params["run_id"])
     driver.train_in_trial(run_config(plan, run, runs_root))
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    from vpn_dist import checkpoint as ckpt
-
-    return ckpt.latest_checkpoint(run_dir) is not None
 
 
 class Results:

@@ -133,10 +133,11 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
         "- **Δ baseline**: mean over seeds of (row − the same seed's baseline), and **p**: two-sided paired t-test "
         "of the row against the baseline across those seeds (scipy.stats.ttest_rel; n < 2: no test).", "",
     ]
+    cells = metric_rows(rows)
     by_table: dict[int, list] = {}
-    for key, name, values in metric_rows(rows):
+    for key, name, values in cells:
         by_table.setdefault(key[0], []).append((key, name, values))
-    baselines = {key: values for key, name, values in metric_rows(rows) if name == "baseline"}
+    baselines = {key: values for key, name, values in cells if name == "baseline"}
     for table in sorted(by_table):
         lines += [f"## Table {table}", "", "| data | base | row | ours | paper | ours − paper | Δ baseline | p |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -161,9 +162,8 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
                   "| data | base | generator | mode | σ mean | σ background AUROC | σ between-image variance share |",
                   "|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list] = {}
-        for r in sigma:
-            if r["table"] == min(x["table"] for x in sigma if x["run_id"] == r["run_id"]):  # each run once
-                groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
+        for r in {r["run_id"]: r for r in sigma}.values():  # each run once, whichever tables show it
+            groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
         for key, members in sorted(groups.items(), key=str):
             level = mean_std([m["sigma_mean"] for m in members if m.get("sigma_mean") is not None] or [math.nan])
             auroc = mean_std([m["sigma_bg_auroc"] for m in members if m.get("sigma_bg_auroc") is not None] or [math.nan])
