@@ -100,6 +100,24 @@ def test_bad_grids_fail_before_anything_starts(synthetic_dir, tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_resume_takes_the_starting_flags_again_and_refuses_different_ones(synthetic_dir, tmp_path):
+    import argparse
+
+    from vpn_dist.errors import UserError
+    from vpn_dist.reproduce import _new_plan, _resumed_plan, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "grid"
+    start = ["--table", "2", "--table", "1", "--data", str(synthetic_dir), "--seeds", "2", "--out", str(out),
+             "--bases", "sr", "--generators", "dnn3", "--set", "train.epochs=1"]
+    _new_plan(parser.parse_args(start), out)
+    again = _resumed_plan(parser.parse_args([*start, "--resume", "--seeds", "3"]), out)
+    assert again.tables == [1, 2] and again.seeds == 3 and again.overrides == ["train.epochs=1"]
+    with pytest.raises(UserError, match="--bases, --set differ"):
+        _resumed_plan(parser.parse_args([*start[:-4], "--bases", "dnn3", "--set", "train.epochs=2", "--resume"]), out)
+
+
 def test_a_paper_data_set_outside_its_table_is_refused(tmp_path, capsys):
     from vpn_dist.cli import main
 

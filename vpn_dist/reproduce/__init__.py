@@ -217,7 +217,8 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
 
 
 def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
-    """The saved plan; flags that would change results are refused, --seeds may grow the grid."""
+    """The saved plan. The grid's own flags may be repeated (so the starting command plus --resume works);
+    a different value is refused, as it would change results. --seeds may grow the grid."""
     saved = out / "reproduce.json"
     if not saved.is_file():
         raise UserError(f"--resume: {out} holds no reproduction grid (no reproduce.json); start it without --resume")
@@ -225,12 +226,13 @@ def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
         plan = Plan.from_dict(json.loads(saved.read_text()))
     except (ValueError, TypeError) as err:
         raise UserError(f"--resume: {saved} is not a reproduction plan ({err})") from None
-    changed = [flag for flag, value in (("--table", args.tables), ("--bases", args.bases), ("--modes", args.modes),
-                                        ("--generators", args.generators), ("--epochs", args.epochs),
-                                        ("--set", args.overrides)) if value]
+    asked_and_saved = (("--table", sorted(set(args.tables)), plan.tables), ("--bases", args.bases, plan.bases),
+                       ("--modes", args.modes, plan.modes), ("--generators", args.generators, plan.generators),
+                       ("--epochs", args.epochs, plan.epochs), ("--set", args.overrides, plan.overrides))
+    changed = [flag for flag, asked, kept in asked_and_saved if asked and asked != kept]
     if changed:
-        raise UserError(f"--resume keeps the grid's settings ({saved}); drop {', '.join(changed)}, or start a new "
-                        f"--out")
+        raise UserError(f"--resume keeps the grid's settings ({saved}); {', '.join(changed)} differ from them: drop "
+                        f"them, or start a new --out")
     if args.seeds is not None:
         if args.seeds < plan.seeds:
             raise UserError(f"--resume --seeds {args.seeds}: the grid already has {plan.seeds} seeds")
