@@ -166,6 +166,27 @@ def test_background_auroc_matches_the_pairwise_definition():
     assert background_auroc(1 - background.float(), background) == 0.0  # all of it on the object
 
 
+
+@pytest.mark.parametrize("generator_name", ["dnn3", "resnet18"])
+def test_top_k_alg2_scores_the_base_models_top_classes_and_is_exact_at_k_equal_K(generator_name):
+    torch.manual_seed(0)
+    k, gamma = 6, 0.3
+    base, generator = build_base("dnn3", SHAPE, k).eval(), build_generator(generator_name, SHAPE).eval()
+    x, _ = batch(n=9, k=k)
+    e = torch.randn(9, k, *SHAPE)
+    exact = alg2_scores(base, generator, x, k, gamma, "none", None, e=e)
+    assert torch.equal(alg2_scores(base, generator, x, k, gamma, "none", None, e=e, top_k=k), exact)
+    assert torch.equal(alg2_predict(base, generator, x, k, gamma, "none", None, e=e, top_k=k),
+                       alg2_predict(base, generator, x, k, gamma, "none", None, e=e))
+    top = alg2_scores(base, generator, x, k, gamma, "none", None, e=e, top_k=2, max_rows=6)
+    with torch.no_grad():
+        candidates = base(x).topk(2, dim=1).indices
+    scored = torch.isfinite(top)
+    assert scored.sum(dim=1).eq(2).all() and scored.gather(1, candidates).all()
+    # the scored classes carry exact Algorithm 2's q_Y for the same draws; the others can never win
+    assert torch.allclose(top[scored], exact[scored], atol=1e-6)
+    assert torch.equal(top.argmax(dim=1), candidates.gather(1, exact.gather(1, candidates).argmax(dim=1, keepdim=True))[:, 0])
+
 def test_dnn3_generator_shares_its_first_layer_across_classes_exactly():
     """Algorithm 2's shortcut (the first layer is linear in x + gamma*Y) gives the sigma of the direct path, and
     so the same predictions for the same draws; weights are made large and gamma big so the label matters."""
@@ -181,7 +202,7 @@ def test_dnn3_generator_shares_its_first_layer_across_classes_exactly():
     x_rows, y_rows = x.repeat_interleave(k, dim=0), torch.arange(k).repeat(9)
     with torch.no_grad():
         direct = generate_sigma(generator, x_rows, y_rows, gamma, "none", None)
-        shared = generator.sigma_per_class(x, gamma, k)
+        shared = generator.sigma_per_class(x, gamma, torch.arange(k).expand(9, k))
     assert direct.std() > 0.1 and (direct.view(9, k, -1)[:, 0] - direct.view(9, k, -1)[:, -1]).abs().max() > 0.01
     assert torch.allclose(shared, direct, atol=1e-5)
     e = torch.randn(9, k, *SHAPE)

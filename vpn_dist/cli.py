@@ -50,7 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from vpn_dist.launch import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data), indent=2))
+    print(json.dumps(evaluate_run(args.run, args.data, args.alg2_top_k), indent=2))
     return 0
 
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="recompute a run's test metrics from its last checkpoint")
     evaluate.add_argument("--run", required=True, help="run directory")
     evaluate.add_argument("--data", help="data directory (default: the run's)")
+    evaluate.add_argument("--alg2-top-k", type=int, metavar="K",
+                          help="Algorithm 2 over the K classes most probable under h(x) (0: exact; default: the run's)")
     evaluate.set_defaults(handler=run_eval)
 
     from vpn_dist import tune as tune_mod

@@ -72,6 +72,8 @@ class TrainConfig:
     eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")
     epoch_eval_images: int = setting(500, "per-epoch curves use this fixed random subset of each split (0: all); "
                                           "the last epoch always evaluates every image by both rules")
+    alg2_top_k: int = setting(0, "0: exact Algorithm 2 (all K classes); k > 0: approximate, scoring only the k classes "
+                                 "most probable under h(x) (README, Benchmarks: agreement and rows saved)")
     log_every: int = setting(10, "steps between per-step TensorBoard points")
     figure_every: int = setting(5, "epochs between Figure-4 panels")
     keep_checkpoints: int = setting(2, "checkpoints kept")
@@ -268,6 +270,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    need(t.alg2_top_k >= 0, "train.alg2_top_k", "an integer >= 0 (0: exact Algorithm 2)", t.alg2_top_k)
     need(t.epoch_eval_images >= 0, "train.epoch_eval_images", "an integer >= 0 (0: every image)", t.epoch_eval_images)
     need(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", t.lr_schedule)

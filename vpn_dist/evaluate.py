@@ -33,13 +33,13 @@ def eval_loaders(cfg, meta: dict[str, Any], device: torch.device, images: int = 
 
 
 def evaluate_splits(base: nn.Module, generator: nn.Module | None, loaders: dict, *, num_classes: int,
-                    gamma: float, bound: str, C: float | None, autocast=None) -> dict[str, Any]:
+                    gamma: float, bound: str, C: float | None, autocast=None, top_k: int = 0) -> dict[str, Any]:
     """`{split}_{metric}` for every split, and `{split}_acc`: the one selection metric for every mode
     (Algorithm 2 where there is a generator, no-noise accuracy without one)."""
     metrics: dict[str, Any] = {}
     for split, batches in loaders.items():
         result = evaluate(base, generator, batches, num_classes=num_classes, gamma=gamma, bound=bound, C=C,
-                          autocast=autocast)
+                          autocast=autocast, top_k=top_k)
         metrics.update({f"{split}_{k}": v for k, v in result.items()})
         metrics[f"{split}_acc"] = result["acc_alg2"] if generator is not None else result["acc_no_noise"]
     return metrics
@@ -69,8 +69,9 @@ def background_auroc(sigma_map: torch.Tensor, background: torch.Tensor) -> float
 @torch.no_grad()
 def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *, num_classes: int, gamma: float,
              bound: str, C: float | None, autocast: contextlib.AbstractContextManager | None = None,
-             max_rows: int = 8192) -> dict[str, float | None]:
-    """Accuracy by Algorithm 2 (None without a generator) and with no noise; sigma mean/max/at-bound;
+             max_rows: int = 8192, top_k: int = 0) -> dict[str, float | None]:
+    """Accuracy by Algorithm 2 (None without a generator; over the top_k classes of h(x) when top_k > 0) and with
+    no noise; sigma mean/max/at-bound;
     sigma's background AUROC when the batches carry foreground masks (x, y, mask)."""
     was_training = [(mod, mod.training) for mod in (base, generator) if mod is not None]
     for mod, _ in was_training:
@@ -86,7 +87,7 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
             correct_plain += int((predict_no_noise(base, x) == y).sum())
             if generator is not None:
                 correct_alg2 += int((alg2_predict(base, generator, x, num_classes, gamma, bound, C,
-                                                  max_rows=max_rows) == y).sum())
+                                                  max_rows=max_rows, top_k=top_k) == y).sum())
                 raw = generator(condition(x, y, gamma)).float()
                 sigma = bound_sigma(raw, bound, C)
         n += len(y)

@@ -139,12 +139,17 @@ def load_run(run_dir: str | Path) -> RunConfig:
     return load_yaml(path)
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
-    """Recompute the test (and validation) metrics from a run's last checkpoint; writes RUN_DIR/eval.json."""
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | None = None) -> dict[str, Any]:
+    """Recompute the test (and validation) metrics from a run's last checkpoint; writes RUN_DIR/eval.json.
+    top_k: Algorithm 2 over the top_k classes of h(x) (default: the run's train.alg2_top_k; 0 is exact)."""
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
     if data_dir:
         cfg.data.path = str(data_dir)
+    if top_k is not None:
+        if top_k < 0:
+            raise UserError(f"--alg2-top-k {top_k} must be >= 0 (0: exact Algorithm 2)")
+        cfg.train.alg2_top_k = top_k
     found = ckpt.require_checkpoint(run_dir)
     state = ckpt.load_checkpoint(found)
     meta = read_meta(cfg.data.path)
@@ -159,7 +164,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
     result |= evaluate_splits(base, generator, eval_loaders(cfg, meta, device), num_classes=num_classes,
                               gamma=resolved_gamma(cfg, num_classes), bound=cfg.vpn.bound, C=cfg.vpn.C,
-                              autocast=autocast_for(cfg.train.amp, device))
+                              autocast=autocast_for(cfg.train.amp, device), top_k=cfg.train.alg2_top_k)
+    result["alg2_top_k"] = cfg.train.alg2_top_k
     write_json_atomic(run_dir / "eval.json", result)
     return result
 

@@ -60,36 +60,45 @@ def random_pixel_noise(x: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @torch.no_grad()
 def alg2_scores(base: nn.Module, generator: nn.Module, x: torch.Tensor, num_classes: int, gamma: float,
-                bound: str, C: float | None, e: torch.Tensor | None = None, max_rows: int = 8192) -> torch.Tensor:
+                bound: str, C: float | None, e: torch.Tensor | None = None, max_rows: int = 8192,
+                top_k: int = 0) -> torch.Tensor:
     """Algorithm 2: q_Y = softmax(h(x + eps_Y))[Y] with eps_Y ~ N(0, Sigma(x, Y)), for every class Y.
 
-    All K hypotheses of a sample run as rows of one batch (B*K rows, chunked to `max_rows`).
-    `e` (B, K, C, H, W) fixes the standard-normal draws, for tests. Returns (B, K).
+    top_k > 0 (approximate): only the top_k classes most probable under h(x) are scored; the others get -inf,
+    so argmax picks among them, and top_k = K is exact Algorithm 2. All hypotheses of a sample run as rows of one
+    batch (chunked to `max_rows`). `e` (B, K, C, H, W) fixes the standard-normal draws, one per (image, class),
+    for tests. Returns (B, K).
     """
     b, k = x.shape[0], num_classes
     if e is None:
         e = torch.randn((b, k, *x.shape[1:]), device=x.device, dtype=torch.float32)
-    per_chunk = max(1, max_rows // k)
-    scores = []
+    if 0 < top_k < k:
+        hypotheses = base(x).float().topk(top_k, dim=1).indices.sort(dim=1).values  # (B, top_k)
+    else:
+        hypotheses = torch.arange(k, device=x.device).expand(b, k)
+    per_image = hypotheses.shape[1]
+    per_chunk = max(1, max_rows // per_image)
+    scores = torch.full((b, k), float("-inf"), device=x.device)
     for start in range(0, b, per_chunk):
-        xs = x[start:start + per_chunk]
-        rows = xs.shape[0] * k
-        x_rows = xs.repeat_interleave(k, dim=0)  # sample-major: (x0,Y=0), (x0,Y=1), ...
-        y_rows = torch.arange(k, device=x.device).repeat(xs.shape[0])
-        if hasattr(generator, "sigma_per_class"):  # a generator that shares work across the K hypotheses
-            sigma = bound_sigma(generator.sigma_per_class(xs, gamma, k).float(), bound, C)
+        xs, ys = x[start:start + per_chunk], hypotheses[start:start + per_chunk]
+        x_rows, y_rows = xs.repeat_interleave(per_image, dim=0), ys.flatten()  # sample-major: (x0,Y0), (x0,Y1), ...
+        if hasattr(generator, "sigma_per_class"):  # a generator that shares work across the hypotheses
+            sigma = bound_sigma(generator.sigma_per_class(xs, gamma, ys).float(), bound, C)
         else:
             sigma = generate_sigma(generator, x_rows, y_rows, gamma, bound, C)
-        eps = sigma * e[start:start + per_chunk].reshape(rows, *x.shape[1:])
-        probs = base(x_rows + eps).float().softmax(dim=1)
-        scores.append(probs[torch.arange(rows, device=x.device), y_rows].view(-1, k))
-    return torch.cat(scores)
+        draws = e[start:start + per_chunk].gather(1, ys.view(*ys.shape, *[1] * (x.dim() - 1)).expand(
+            *ys.shape, *x.shape[1:]))
+        probs = base(x_rows + sigma * draws.flatten(0, 1)).float().softmax(dim=1)
+        q = probs[torch.arange(len(y_rows), device=x.device), y_rows].view(ys.shape)
+        scores[start:start + per_chunk].scatter_(1, ys, q)
+    return scores
 
 
 def alg2_predict(base: nn.Module, generator: nn.Module, x: torch.Tensor, num_classes: int, gamma: float,
-                 bound: str, C: float | None, e: torch.Tensor | None = None, max_rows: int = 8192) -> torch.Tensor:
-    """Algorithm 2 prediction: argmax_Y q_Y."""
-    return alg2_scores(base, generator, x, num_classes, gamma, bound, C, e, max_rows).argmax(dim=1)
+                 bound: str, C: float | None, e: torch.Tensor | None = None, max_rows: int = 8192,
+                 top_k: int = 0) -> torch.Tensor:
+    """Algorithm 2 prediction: argmax_Y q_Y (over the top_k classes of h(x) when top_k > 0)."""
+    return alg2_scores(base, generator, x, num_classes, gamma, bound, C, e, max_rows, top_k).argmax(dim=1)
 
 
 @torch.no_grad()

@@ -78,14 +78,14 @@ class AbsDNN3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).view(-1, *self.shape).abs()
 
-    def sigma_per_class(self, x: torch.Tensor, gamma: float, num_classes: int) -> torch.Tensor:
-        """f(x + gamma*Y) for every class Y, rows sample-major (x0 Y=0, x0 Y=1, ...), as Algorithm 2 needs.
-        The first layer is linear in x_hat = x + gamma*Y: W x_hat + b = (W x + b) + gamma*Y * W.sum(1), so it
-        runs once per image instead of once per class (exact up to float rounding)."""
+    def sigma_per_class(self, x: torch.Tensor, gamma: float, classes: torch.Tensor) -> torch.Tensor:
+        """f(x + gamma*Y) for each image's hypotheses `classes` (B, k), rows sample-major (x0 Y0, x0 Y1, ...), as
+        Algorithm 2 needs. The first layer is linear in x_hat = x + gamma*Y: W x_hat + b = (W x + b) +
+        gamma*Y * W.sum(1), so it runs once per image instead of once per class (exact up to float rounding)."""
         first, rest = self.net[1], self.net[2:]
         per_image = first(x.flatten(1))  # (B, width)
-        label_shift = gamma * torch.arange(num_classes, device=x.device, dtype=per_image.dtype)
-        hidden = per_image[:, None, :] + label_shift[None, :, None] * first.weight.sum(dim=1).to(per_image.dtype)
+        label_shift = gamma * classes.to(per_image.dtype)  # (B, k)
+        hidden = per_image[:, None, :] + label_shift[:, :, None] * first.weight.sum(dim=1).to(per_image.dtype)
         return rest(hidden.flatten(0, 1)).view(-1, *self.shape).abs()
 
 

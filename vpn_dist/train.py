@@ -298,7 +298,7 @@ def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
         eval_start = time.perf_counter()
         metrics.update(evaluate_splits(run.base, run.generator, run.final_eval if last else run.epoch_eval,
                                        num_classes=run.meta["num_classes"], gamma=run.gamma, bound=cfg.vpn.bound,
-                                       C=cfg.vpn.C, autocast=run.autocast))
+                                       C=cfg.vpn.C, autocast=run.autocast, top_k=cfg.train.alg2_top_k))
         metrics["eval_images"] = "all" if last or not cfg.train.epoch_eval_images else cfg.train.epoch_eval_images
         if run.generator is not None and (last or epoch % cfg.train.figure_every == 0):
             run.log.figure(epoch, *_figure_inputs(run.generator, run.final_eval["test"], run.gamma, cfg.vpn.bound,
