@@ -185,7 +185,8 @@ def test_top_k_alg2_scores_the_base_models_top_classes_and_is_exact_at_k_equal_K
     assert scored.sum(dim=1).eq(2).all() and scored.gather(1, candidates).all()
     # the scored classes carry exact Algorithm 2's q_Y for the same draws; the others can never win
     assert torch.allclose(top[scored], exact[scored], atol=1e-6)
-    assert torch.equal(top.argmax(dim=1), candidates.gather(1, exact.gather(1, candidates).argmax(dim=1, keepdim=True))[:, 0])
+    best_candidate = exact.gather(1, candidates).argmax(dim=1, keepdim=True)
+    assert torch.equal(top.argmax(dim=1), candidates.gather(1, best_candidate)[:, 0])
 
 def test_dnn3_generator_shares_its_first_layer_across_classes_exactly():
     """Algorithm 2's shortcut (the first layer is linear in x + gamma*Y) gives the sigma of the direct path, and

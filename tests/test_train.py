@@ -143,3 +143,16 @@ def test_amp_auto_is_off_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_amp("auto", torch.device("cuda")) == "off"
     assert resolve_amp("fp16", torch.device("cuda")) == "fp16" and resolve_amp("bf16", torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.slow
+def test_compiled_training_step_trains_as_the_eager_one(synthetic_dir, tmp_path):
+    eager = train(synthetic_dir, tmp_path / "eager", base="sr")
+    compiled = train(synthetic_dir, tmp_path / "compiled", "--set", "train.compile=true", base="sr")
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert compiled["test_acc_no_noise"] == pytest.approx(eager["test_acc_no_noise"], abs=0.02)
+    # the checkpoint holds the plain modules' weights, not the compiled wrappers'
+    from vpn_dist import checkpoint as ckpt
+
+    state = ckpt.load_checkpoint(ckpt.require_checkpoint(tmp_path / "compiled"))
+    assert not any(k.startswith("_orig_mod") for k in [*state["base"], *state["generator"]])

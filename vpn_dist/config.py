@@ -66,7 +66,9 @@ class TrainConfig:
     lr_schedule: str = setting("cosine", "cosine over train.epochs, stepped per epoch (as the authors'), or constant")
     amp: str = setting("auto", "auto: bf16 on GPUs that support it, off on CPUs (where bf16 is slower); "
                                "or off, bf16, fp16 (GPU, with a gradient scaler)")
-    channels_last: bool = setting(False, "memory format of models and batches")
+    channels_last: bool = setting(False, "memory format of models and batches (faster convolutions on GPUs: ResNets)")
+    compile: bool = setting(False, "torch.compile the training step's models (GPU; on CPU it needs a C++ compiler and "
+                                   "a minute to compile)")
     device: str = setting("auto", "auto, cpu, cuda")
     seed: int = setting(0, "model init, data order and noise (reseeded per epoch and rank: resumes replay exactly)")
     eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")

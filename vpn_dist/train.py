@@ -218,9 +218,12 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     if cfg.vpn.mode == "generator-only":
         base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too
 
-    # DDP averages gradients of what trains; a frozen base needs no wrapper.
+    # DDP averages gradients of what trains; a frozen base needs no wrapper. torch.compile wraps what the step calls
+    # (checkpoints and evaluation keep the plain modules).
     ddp = (lambda mod: DistributedDataParallel(mod) if worker.world_size > 1 and mod in trainable else mod)
-    base_step, generator_step = ddp(base), (ddp(generator) if generator is not None else None)
+    compiled = torch.compile if cfg.train.compile else (lambda mod: mod)
+    base_step = compiled(ddp(base))
+    generator_step = compiled(ddp(generator)) if generator is not None else None
 
     loader_args = dict(device=device, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                        os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
@@ -249,8 +252,12 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     for mod in run.trainable:
         mod.train()
     draws = vpn.m if generator is not None else 1
+    # Running sums stay on the device: the step never waits for the device (no .item() per step); the host reads
+    # them every log_every steps and at the end of the epoch.
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), device=run.device)
+    first_bad_step = torch.full((), -1, device=run.device, dtype=torch.long)  # the first non-finite loss, if any
+    first_bad_loss = torch.zeros((), device=run.device)
     rows = 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(run.train_batches):
@@ -266,10 +273,6 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
                 inputs = x
             logits = base(inputs)
             loss = vpn_loss(logits, y, draws)  # eq. 17 (plain cross-entropy when draws = 1, no noise)
-        loss_value = loss.item()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch} step {step} "
-                                     f"(rank {rank}); lower train.lr or bound sigma with vpn.bound/vpn.C")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
@@ -278,15 +281,29 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.scaler_skipped += int(scaler.is_enabled() and scaler.get_scale() < scale_before)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(dim=1) == y.repeat(draws)).sum() / draws
+        diverged_now = (first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        first_bad_step = torch.where(diverged_now, step, first_bad_step)
+        first_bad_loss = torch.where(diverged_now, loss.detach().float(), first_bad_loss)
         rows += len(y)
         run.global_step += 1
         if run.global_step % cfg.train.log_every == 0:
-            run.log.step(run.global_step, loss_value)
+            stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
+            run.log.step(run.global_step, float(loss))
+    stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
     run.scheduler.step()
     train_time = time.perf_counter() - start
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / rows, "train_acc": float(correct) / rows,
             "lr": optimizer.param_groups[0]["lr"], "scaler_skipped_steps": run.scaler_skipped,
             "train_images_per_sec": rows * run.worker.world_size / train_time}
+
+
+def stop_if_diverged(first_bad_step: torch.Tensor, first_bad_loss: torch.Tensor, epoch: int, rank: int) -> None:
+    """Raise, naming the step, once a loss was non-finite (read every log_every steps: one host sync, not one
+    per step)."""
+    step = int(first_bad_step)
+    if step >= 0:
+        raise FloatingPointError(f"non-finite loss {float(first_bad_loss)} at epoch {epoch} step {step} (rank {rank}); "
+                                 f"lower train.lr or bound sigma with vpn.bound/vpn.C")
 
 
 def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
