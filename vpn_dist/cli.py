@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
     from vpn_dist.benchmarks import evaluation as bench_eval
     from vpn_dist.benchmarks import loader as bench_loader
+    from vpn_dist.benchmarks import roofline as bench_roofline
     from vpn_dist.benchmarks import training as bench_training
 
     parser = argparse.ArgumentParser(prog="vpn-dist", description=__doc__)
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "its shared first layer) and no noise")
     bench_eval.add_arguments(eval_bench)
     eval_bench.set_defaults(handler=bench_eval.run)
+    roofline = bench_sub.add_parser("roofline", help="a training step and an evaluation pass against this device's "
+                                                     "measured GEMM and conv peak (FLOPs by torch's flop counter)")
+    bench_roofline.add_arguments(roofline)
+    roofline.set_defaults(handler=bench_roofline.run)
     train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
     bench_training.add_train_arguments(train_bench)
     train_bench.set_defaults(handler=bench_training.run_train)

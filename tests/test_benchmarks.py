@@ -1,0 +1,64 @@
+"""The benchmarks' own arithmetic: FLOPs counted by torch's flop counter against a count by hand, and tiny runs of
+`vpn-dist bench roofline` and `vpn-dist bench eval` that print what they promise."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from vpn_dist.benchmarks.roofline import count_flops
+from vpn_dist.cli import build_parser, main
+from vpn_dist.config import RunConfig
+from vpn_dist.models import build_base, build_generator
+from vpn_dist.train import step_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_step_flops_match_a_count_by_hand():
+    """SR base + DNN3 generator, batch B, d pixels, width w: every Linear costs 2*B*in*out forward; backward costs
+    the weight gradient (same again) plus the input gradient, which the generator's first layer does not need (x is
+    data) but the base does (its input x + eps carries the generator's gradient)."""
+    b, shape, k, w = 4, (1, 6, 6), 3, 1024
+    d = 36
+    base, generator = build_base("sr", shape, k), build_generator("dnn3", shape)
+    x, y = torch.rand(b, *shape), torch.randint(0, k, (b,))
+
+    def forward_backward():
+        _, loss = step_loss(base, generator, x, y, RunConfig().vpn, 0.01)
+        loss.backward()
+
+    matmul, conv = count_flops(forward_backward)
+    layers = [(d, w, False), (w, w, True), (w, d, True), (d, k, True)]  # (in, out, needs the input gradient)
+    by_hand = sum(2 * b * i * o * (2 + needs_input_grad) for i, o, needs_input_grad in layers)
+    assert conv == 0 and matmul == by_hand
+
+
+def test_roofline_bench_prints_peak_and_fractions(capsys):
+    assert main(["bench", "roofline", "--shape", "1x8x8", "--classes", "3", "--base", "sr", "--generator", "dnn3",
+                 "--batch-size", "16", "--eval-batch-size", "16", "--steps", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: CPU") and re.search(r"GEMM [\d,]+ GFLOP/s, 3x3 conv [\d,]+ GFLOP/s", out)
+    fractions = re.findall(r"\| (\d+)% \|", out)
+    assert len(fractions) == 3 and all(0 < int(f) < 200 for f in fractions), out
+
+
+def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):
+    assert main(["bench", "eval", "--classes", "6", "--shape", "1x8x8", "--toy-steps", "20", "--images", "64",
+                 "--top-k", "1,6", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines()
+            if line.startswith("| ") and "%" in line}
+    assert rows["Algorithm 2, generator per class"] == "100.00%"  # the shortcut is exact
+    assert "top-1 Algorithm 2" in rows and "top-6 Algorithm 2" not in rows  # k = K is exact: not listed
+
+
+@pytest.mark.parametrize("line", [ln for ln in (REPO / "cluster" / "bench-gpu.sh").read_text().splitlines()
+                                  if ln.startswith("bench ")])
+def test_gpu_bench_script_lines_parse(line):
+    argv = [a for a in shlex.split(line)[1:] if a != "$@"]
+    args = build_parser().parse_args(["bench", "roofline", "--device", "cuda", *argv])
+    assert args.base and args.shape
