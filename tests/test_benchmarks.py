@@ -43,7 +43,7 @@ def test_roofline_bench_prints_peak_and_fractions(capsys):
     out = capsys.readouterr().out
     assert out.startswith("device: CPU") and re.search(r"GEMM [\d,]+ GFLOP/s, 3x3 conv [\d,]+ GFLOP/s", out)
     fractions = re.findall(r"\| (\d+)% \|", out)
-    assert len(fractions) == 3 and all(0 < int(f) < 200 for f in fractions), out
+    assert len(fractions) == 4 and all(0 < int(f) < 200 for f in fractions), out
 
 
 def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):

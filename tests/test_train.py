@@ -134,10 +134,19 @@ def test_fashion_mnist_dnn3_reaches_paper_level_accuracy(fashion_mnist_dir, tmp_
         assert metrics["test_acc_alg2"] > 0.82
 
 
-def test_amp_auto_is_off_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
-    from vpn_dist.train import resolve_amp
+def test_amp_auto_follows_the_cpu_probe_and_is_bf16_on_a_bf16_gpu(monkeypatch):
+    import sys
 
+    from vpn_dist.train import cpu_bf16_speedup, resolve_amp
+
+    train_module = sys.modules["vpn_dist.train"]  # (vpn_dist.train is also the name of the train function)
+
+    speedup = cpu_bf16_speedup()  # this machine's own probe: bf16 iff its matmuls are clearly faster
+    assert speedup > 0 and resolve_amp("auto", torch.device("cpu")) == ("bf16" if speedup >= 1.3 else "off")
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda: 0.64)  # a CPU without AMX (issue 9's machine)
     assert resolve_amp("auto", torch.device("cpu")) == "off"
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda: 5.0)  # a CPU with AMX
+    assert resolve_amp("auto", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_amp("auto", torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,11 +48,32 @@ def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that support it; off on CPUs, where bf16 autocast measured 0.64x fp32 speed
-    (README, Benchmarks) and fp16 is unsupported."""
+    """`auto`: bf16 on GPUs that support it; on a CPU, bf16 only where a quick probe finds its matmuls faster than
+    fp32's (CPUs with AMX: 1.9x per DNN3/DNN3 step; without it bf16 autocast measured 0.64x; README, Benchmarks)."""
     if amp != "auto":
         return amp
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "off"
+
+
+BF16_MIN_SPEEDUP = 1.3  # below this, bf16's rounding is not worth it
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32 time over bf16 time of a 256x1024 by 1024x1024 matmul on this CPU: medians of 9 interleaved calls after
+    10 warm-up calls each (a fresh thread pool runs its first calls several times slower); ~0.1 s, once per process."""
+    operands = {dtype: (torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype))
+                for dtype in (torch.float32, torch.bfloat16)}
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in operands}
+    for call in range(19):
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            a @ b
+            if call >= 10:
+                times[dtype].append(time.perf_counter() - start)
+    return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
 
 
 def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:

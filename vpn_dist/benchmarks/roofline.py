@@ -67,21 +67,22 @@ def count_flops(fn) -> tuple[float, float]:
     return matmul, conv
 
 
-def measure_peaks(device: torch.device, dtype: torch.dtype, channels_last: bool) -> tuple[float, float]:
-    """(GEMM, 3x3 conv) FLOP/s at `dtype`, each the best of a few sizes, measured now."""
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(GEMM, 3x3 conv) FLOP/s at `dtype`, each the best of a few sizes (and of both memory formats for the conv),
+    measured now."""
     gemm = 0.0
     for n in (1024, 2048, 4096 if device.type == "cuda" else 1536):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         gemm = max(gemm, 2 * n**3 / _median_time(lambda: a @ b, device, steps=5, warmup=2))
     conv = 0.0
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for channels, size, batch in ((64, 32, 64), (128, 16, 64), (256, 8, 128)):
-        layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype,
-                                                                                  memory_format=memory_format)
-        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=memory_format)
-        flops = 2 * batch * channels * channels * 9 * size * size
-        with torch.no_grad():
-            conv = max(conv, flops / _median_time(lambda: layer(x), device, steps=5, warmup=2))
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        for channels, size, batch in ((64, 32, 128), (128, 16, 256), (256, 8, 256), (512, 4, 256)):
+            layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype,
+                                                                                      memory_format=memory_format)
+            x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=memory_format)
+            flops = 2 * batch * channels * channels * 9 * size * size
+            with torch.no_grad():
+                conv = max(conv, flops / _median_time(lambda: layer(x), device, steps=3, warmup=1))
     return gemm, conv
 
 
@@ -127,16 +128,20 @@ def run(args: argparse.Namespace) -> int:
     y = torch.randint(0, args.classes, (args.batch_size,), device=device)
     x_eval = torch.rand(args.eval_batch_size, *shape, device=device).to(memory_format=memory_format)
 
-    def forward_backward():
+    def forward_backward(base_model=base_step, generator_model=generator_step):
         with autocast:
-            _, loss = step_loss(base_step, generator_step, x, y, cfg.vpn, gamma)
+            _, loss = step_loss(base_model, generator_model, x, y, cfg.vpn, gamma)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
 
-    def train_step():
+    def train_step(step_optimizer=optimizer):
         forward_backward()
-        scaler.step(optimizer)
+        scaler.step(step_optimizer)
         scaler.update()
+
+    # the same optimizer as a loop of per-parameter ops (PyTorch's CPU default; vpn-dist's before it used fused)
+    looped = type(optimizer)(optimizer.param_groups[0]["params"],
+                             **{**optimizer.defaults, "fused": False, "foreach": False})
 
     def eval_pass():  # one evaluation batch by both rules, as `evaluate` runs them
         with torch.no_grad(), autocast:
@@ -146,14 +151,15 @@ def run(args: argparse.Namespace) -> int:
 
     for m in models:
         m.train()
-    step_mm, step_conv = count_flops(forward_backward)
+    step_mm, step_conv = count_flops(lambda: forward_backward(base, generator))  # eager: the counter's hooks
     step_s = _median_time(train_step, device, args.steps)
+    looped_s = _median_time(lambda: train_step(looped), device, args.steps)
     fwd_bwd_s = _median_time(forward_backward, device, args.steps)
     for m in models:
         m.eval()
     eval_mm, eval_conv = count_flops(eval_pass)
     eval_s = _median_time(eval_pass, device, max(3, args.steps // 4))
-    gemm_peak, conv_peak = measure_peaks(device, dtype, args.channels_last)
+    gemm_peak, conv_peak = measure_peaks(device, dtype)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else (
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
@@ -164,12 +170,14 @@ def run(args: argparse.Namespace) -> int:
     print("| workload | FLOPs per image (matmul + conv) | images/s | achieved GFLOP/s | fraction of roofline |")
     print("|---|---|---|---|---|")
     for label, mm, cv, seconds, images in (
-            ("training step (forward, backward, optimizer)", step_mm, step_conv, step_s, args.batch_size),
+            ("training step (forward, backward, fused optimizer)", step_mm, step_conv, step_s, args.batch_size),
+            ("training step, optimizer as a per-parameter loop", step_mm, step_conv, looped_s, args.batch_size),
             ("training step without the optimizer", step_mm, step_conv, fwd_bwd_s, args.batch_size),
             ("evaluation (no noise + Algorithm 2)", eval_mm, eval_conv, eval_s, args.eval_batch_size)):
         roofline_s = mm / gemm_peak + cv / conv_peak
         print(f"| {label} | {(mm + cv) / images / 1e6:,.1f} M ({mm / images / 1e6:,.1f} + {cv / images / 1e6:,.1f}) "
               f"| {images / seconds:,.0f} | {(mm + cv) / seconds / 1e9:,.0f} | {roofline_s / seconds:.0%} |")
-    print(f"optimizer share of the step: {1 - fwd_bwd_s / step_s:.0%}")
+    print(f"optimizer share of the step: {1 - fwd_bwd_s / step_s:.0%} fused, {1 - fwd_bwd_s / looped_s:.0%} looped; "
+          f"fused step {looped_s / step_s:.2f}x the looped one")
     return 0
 

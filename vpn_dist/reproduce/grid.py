@@ -175,10 +175,13 @@ def grid(plan: Plan) -> list[Run]:
 
 
 def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
-    """The paper's settings (RunConfig's defaults), the run's cell and seed, then the plan's --epochs/--set.
+    """The paper's settings (RunConfig's defaults, in fp32), the run's cell and seed, then the plan's --epochs/--set.
     The run trains in runs_root/run_id."""
     values = {"out": str(runs_root / run.run_id), "data.path": plan.data[run.data], "model.base": run.base,
-              "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed}
+              "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed,
+              # fp32, the paper's precision, on every machine, so a grid's results do not depend on where each run
+              # lands (amp=auto picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
+              "train.amp": "off"}
     if run.data in BATCH_SIZE:
         values["train.batch_size"] = BATCH_SIZE[run.data]
     if run.mode == "generator-only":
