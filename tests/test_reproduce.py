@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vpn_dist.reproduce.grid import Plan, check_plan, grid, paper_numbers
-from vpn_dist.reproduce.report import mean_std, metric_rows, paired_test, write_report
+from vpn_dist.reproduce.report import mean_std, metric_rows, paired_test, summary, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO.parent / "shared" / "reference" / "vpn-paper.md"
@@ -149,6 +149,8 @@ def test_paired_test_equals_the_t_statistic_computed_directly():
     assert n == 5 and delta == pytest.approx(d.mean())
     assert p == pytest.approx(_t_two_sided_p(t, 4), rel=1e-4)
     assert paired_test({0: 1.0}, {0: 0.5}) == (0.5, None, 1)
+    # one seed has no spread to show; nothing measured (σ's AUROC without masks) is said, not printed as nan
+    assert summary([0.5]) == "0.50 (1)" and summary([None, math.nan]) == "n/a" and summary([1.0, 2.0]) == "1.50 ± 0.71 (2)"
 
 
 def _row(table, base, generator, mode, seed, alg2, plain, status="finished"):

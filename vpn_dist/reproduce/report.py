@@ -81,6 +81,16 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, len(arr)
 
 
+def summary(values: list[float | None], digits: str = ".2f") -> str:
+    """"mean ± std (n)"; "mean (1)" for one value (no spread to show); "n/a" when nothing was measured (e.g. σ's
+    background AUROC on a set without object masks)."""
+    measured = [v for v in values if v is not None and not math.isnan(v)]
+    if not measured:
+        return "n/a"
+    mean, std, n = mean_std(measured)
+    return f"{mean:{digits}} ({n})" if n == 1 else f"{mean:{digits}} ± {std:{digits}} ({n})"
+
+
 def paired_test(vpn: dict[int, float], baseline: dict[int, float]) -> tuple[float | None, float | None, int]:
     """Mean of (VPN - baseline) over the seeds both have, and the two-sided p-value of a paired t-test across
     those seeds (same seed: same initial base weights and data order). p is None below 2 pairs."""
@@ -142,7 +152,7 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
         lines += [f"## Table {table}", "", "| data | base | row | ours | paper | ours − paper | Δ baseline | p |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, name, values in by_table[table]:
-            mean, std, n = mean_std(list(values.values()))
+            mean = mean_std(list(values.values()))[0]
             reference = paper.get((table, key[1], key[2], name))
             vs_paper = "" if reference is None else f"{mean - reference:+.2f}"
             delta = p = ""
@@ -150,7 +160,7 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
                 d, pvalue, pairs = paired_test(values, baselines[key])
                 delta = "" if d is None else f"{d:+.2f} ({pairs})"
                 p = "" if pvalue is None else f"{pvalue:.3g}"
-            lines.append(f"| {key[1]} | {key[2]} | {name} | {mean:.2f} ± {std:.2f} ({n}) | "
+            lines.append(f"| {key[1]} | {key[2]} | {name} | {summary(list(values.values()))} | "
                          f"{'' if reference is None else f'{reference:.2f}'} | {vs_paper} | {delta} | {p} |")
         lines.append("")
     sigma = [r for r in rows if r["status"] == FINISHED and r.get("sigma_between_image_share") is not None]
@@ -165,12 +175,9 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
         for r in {r["run_id"]: r for r in sigma}.values():  # each run once, whichever tables show it
             groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
         for key, members in sorted(groups.items(), key=str):
-            level = mean_std([m["sigma_mean"] for m in members if m.get("sigma_mean") is not None] or [math.nan])
-            auroc = mean_std([m["sigma_bg_auroc"] for m in members if m.get("sigma_bg_auroc") is not None] or [math.nan])
-            share = mean_std([m["sigma_between_image_share"] for m in members
-                              if m.get("sigma_between_image_share") is not None] or [math.nan])
-            lines.append(f"| {' | '.join(map(str, key))} | {level[0]:.3g} ± {level[1]:.2g} | "
-                         f"{auroc[0]:.3f} ± {auroc[1]:.3f} ({auroc[2]}) | {share[0]:.3g} ± {share[1]:.2g} ({share[2]}) |")
+            level, auroc, share = (summary([m.get(k) for m in members], digits) for k, digits in (
+                ("sigma_mean", ".3g"), ("sigma_bg_auroc", ".3f"), ("sigma_between_image_share", ".3g")))
+            lines.append(f"| {' | '.join(map(str, key))} | {level} | {auroc} | {share} |")
         lines.append("")
     figures = write_figures(out / "figures", rows, curves, paper)
     if figures:
