@@ -182,6 +182,22 @@ def test_aggregation_and_report_against_a_direct_computation(tmp_path):
     assert (tmp_path / "figures" / "table1_fashion-mnist.png").stat().st_size > 0
 
 
+def test_demo_prints_what_the_committed_grids_found(tmp_path, capsys):
+    from vpn_dist.demo import print_reproduction
+    from vpn_dist.reproduce.report import RUN_COLUMNS, write_csv
+
+    base_acc, vpn_alg2 = np.array([0.80, 0.82, 0.81]), np.array([0.81, 0.85, 0.80])
+    rows = [_row(1, "sr", "none", "baseline", s, None, base_acc[s]) for s in range(3)]
+    rows += [_row(1, "sr", "dnn3", "joint", s, vpn_alg2[s], base_acc[s]) for s in range(3)]
+    (tmp_path / "grid-a").mkdir()
+    write_csv(tmp_path / "grid-a" / "runs.csv", rows, RUN_COLUMNS)
+    print_reproduction(tmp_path)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "| dnn3  " in ln)
+    d = 100 * (vpn_alg2 - base_acc)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    assert line.startswith("| grid-a") and f"{d.mean():+6.2f} | {_t_two_sided_p(t, 2):>5.2g} | 3 |" in line
+
+
 # ---------------------------------------------------------------- end to end on Ray
 
 
