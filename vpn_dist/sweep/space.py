@@ -104,14 +104,14 @@ def load_space(name: str) -> Space:
 
 def dataset_table(data_dirs: list[str], wanted: list[str] | None) -> dict[str, dict[str, Any]]:
     """label -> {path, num_classes, name} for the --data dirs the space keeps; every one must have a val split."""
-    from vpn_dist.data import read_meta
+    from vpn_dist.data import check_data
 
     if not data_dirs:
         raise UserError("give at least one --data DIR (a `vpn-dist prep` output with --val N)")
     table: dict[str, dict[str, Any]] = {}
     for raw in data_dirs:
         path = Path(raw).resolve()
-        meta = read_meta(path)
+        meta = check_data(raw)  # damaged data stops the sweep before any trial
         if not meta.get("splits", {}).get("val") or not (path / "val.beton").is_file():
             raise UserError(f"{raw} has no val split, and the sweep selects on validation accuracy only: prepare it "
                             f"with `vpn-dist prep ... --val N` (e.g. --val 5000)")
