@@ -84,6 +84,12 @@ def load_space(name: str) -> Space:
     if unknown:
         raise UserError(f"space {name}: unknown field(s) {', '.join(sorted(unknown))}; fields are {', '.join(names)}")
     space = Space(**raw)
+    for key, kind, what in (("description", str, "a string"), ("axes", dict, "a dict of axes"),
+                            ("fixed", dict, "a dict of fixed values")):
+        if not isinstance(getattr(space, key), kind):
+            raise UserError(f"space {name}: {key} must be {what}, got {getattr(space, key)!r}")
+    if space.data is not None and not (isinstance(space.data, list) and all(isinstance(d, str) for d in space.data)):
+        raise UserError(f"space {name}: data must be None or a list of data set names, got {space.data!r}")
     if space.metric not in SELECTION_METRICS:
         raise UserError(f"space {name}: metric {space.metric!r} must be a validation metric: "
                         f"{', '.join(SELECTION_METRICS)} (the test split never selects)")
