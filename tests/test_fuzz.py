@@ -549,3 +549,74 @@ def test_every_damaged_input(variant, valid, tmp_path, capsys, no_ray):
 def test_every_entry_point_has_variants():
     counts = {entry: len(found) for entry, found in ALL.items()}
     assert all(counts[e] >= DEFAULT_SAMPLE[e] for e in DEFAULT_SAMPLE), counts
+
+
+# ---------------------------------------------------------------- no dead ends: each suggestion, followed, works
+
+def error_of(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(valid, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("a run that died before epoch 1\n")
+    assert main(train_argv(valid.data, run)) == 0
+
+
+def test_resume_without_a_readable_checkpoint_says_start_again_and_that_works(valid, tmp_path, capsys):
+    run = copy(valid.run, tmp_path, "run")
+    damage_file(next(run.glob("checkpoints/epoch_*/state.pt")), "cut in half", random.Random(0))
+    assert "start it again without --resume" in error_of(["train", "--resume", str(run), "--epochs", "2"], capsys)
+    assert main(train_argv(valid.data, run)) == 0  # the suggestion: the same --out, without --resume
+    assert main(["eval", "--run", str(run)]) == 0
+
+
+def test_a_finished_run_says_use_resume_and_that_works(valid, tmp_path, capsys):
+    run = copy(valid.run, tmp_path, "run")
+    assert f"use --resume {run}" in error_of(train_argv(valid.data, run), capsys)
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+
+
+def test_damaged_data_says_prep_again_with_force_and_that_works(valid, tmp_path, capsys):
+    data = damaged_data("train.beton", "cut in half")(valid, tmp_path, random.Random(0))
+    assert "`vpn-dist prep ... --force`" in error_of(train_argv(data, tmp_path / "run"), capsys)
+    assert main(["prep", "synthetic", "--out", str(data), "--train-size", "160", "--test-size", "40", "--val", "40",
+                 "--size", "16x16", "--force"]) == 0
+    assert main(train_argv(data, tmp_path / "run")) == 0
+
+
+def test_prep_over_a_prepared_set_says_force_and_that_works(valid, tmp_path, capsys):
+    out = copy(valid.data, tmp_path, "out")
+    argv = ["prep", "synthetic", "--out", str(out), "--train-size", "20", "--test-size", "8"]
+    assert "pass --force to overwrite" in error_of(argv, capsys)
+    assert main([*argv, "--force"]) == 0
+
+
+def test_tune_suggestions_work(valid, tmp_path, capsys, no_ray):
+    no_val = tmp_path / "no_val"
+    argv = ["prep", "synthetic", "--out", str(no_val), "--train-size", "40", "--test-size", "8", "--size", "16x16"]
+    assert main(argv) == 0
+    sweep = ["tune", "--space", "smoke", "--data", str(no_val), "--out", str(tmp_path / "sweep")]
+    assert "`vpn-dist prep ... --val N`" in error_of(sweep, capsys)
+    assert main([*argv, "--val", "8", "--force"]) == 0
+    assert "start it without --resume" in error_of([*sweep, "--resume"], capsys)
+    with pytest.raises(Accepted):
+        main(sweep)
+    assert "continue it with --resume" in error_of(sweep, capsys)
+    (tmp_path / "sweep" / "tune").mkdir()  # what Tune's first save leaves
+    with pytest.raises(Accepted):
+        main([*sweep, "--resume"])
+
+
+def test_reproduce_suggestions_work(valid, tmp_path, capsys, no_ray):
+    grid = ["reproduce", "--out", str(tmp_path / "grid"), "--table", "1", "--data", str(valid.data), "--seeds", "1",
+            "--bases", "sr", "--generators", "dnn3", "--epochs", "1"]
+    assert "start it without --resume" in error_of([*grid, "--resume"], capsys)
+    with pytest.raises(Accepted):
+        main(grid)
+    assert "finish it with --resume" in error_of(grid, capsys)
+    with pytest.raises(Accepted):
+        main([*grid, "--resume"])
