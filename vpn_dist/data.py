@@ -68,6 +68,7 @@ def check_meta(meta, meta_path: Path) -> None:
     need(isinstance(splits, dict) and set(splits) <= {"train", "val", "test"}
          and all(_is_int(n) and n >= 0 for n in splits.values()), "splits",
          "an object of train/val/test image counts >= 0")
+    need(splits.get("train", 0) > 0 and splits.get("test", 0) > 0, "splits", "counts with train and test above 0")
     if "storage" in meta:
         need(meta["storage"] in ("raw", "jpeg"), "storage", "'raw' or 'jpeg'")
     if "has_mask" in meta:
