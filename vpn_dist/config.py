@@ -259,7 +259,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(m.generator != "none", "model.generator", f"mode {v.mode} needs a generator: {', '.join(GENERATORS)}",
              m.generator)
     need(v.gamma is None or (math.isfinite(v.gamma) and v.gamma >= 0), "vpn.gamma", "a number >= 0 (null: 0.01/K)", v.gamma)
-    need(v.m >= 1, "vpn.m", "an integer >= 1", v.m)
+    need(1 <= v.m <= 1024, "vpn.m", "an integer in 1..1024 (the batch grows m-fold)", v.m)
     need(v.bound in BOUNDS, "vpn.bound", f"one of {', '.join(BOUNDS)}", v.bound)
     if v.bound == "none":
         need(v.C is None, "vpn.C", "null when vpn.bound is none (set vpn.bound to elementwise or norm)", v.C)
