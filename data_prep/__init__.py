@@ -33,7 +33,9 @@ def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | No
         raise UserError(f"--val {val} must be >= 0")
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality {jpeg_quality} must be between 1 and 100")
-    if (out / "meta.json").exists() and not force:  # fail before a long decode
+    if out.exists() and not out.is_dir():  # fail before a long decode
+        raise UserError(f"--out {out} exists and is not a directory")
+    if (out / "meta.json").exists() and not force:
         raise UserError(f"{out} already holds a prepared data set (meta.json); pass --force to overwrite")
     start = time.perf_counter()
     image_size = parse_size(size)

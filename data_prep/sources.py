@@ -37,6 +37,13 @@ def sha256_file(path: Path, h=None):
     return h
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable text file ({err})") from None
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{what} {path} does not exist or is not a directory")
@@ -296,13 +303,13 @@ def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | No
     wnids_path = source / "wnids.txt"
     if not wnids_path.is_file():
         raise UserError(f"missing file {wnids_path}")
-    wnids = [w.strip() for w in wnids_path.read_text().split() if w.strip()]
+    wnids = [w.strip() for w in _read_text(wnids_path).split() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise UserError(f"{wnids_path}: empty or has duplicate wnids")
     index = {w: i for i, w in enumerate(wnids)}
     words = {}
     if (source / "words.txt").is_file():
-        for line in (source / "words.txt").read_text().splitlines():
+        for line in _read_text(source / "words.txt").splitlines():
             wnid, _, text = line.partition("\t")
             words[wnid.strip()] = text.split(",")[0].strip()
     train_dir = _require_dir(source / "train", "train folder")
@@ -324,7 +331,7 @@ def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | No
     if not annotations.is_file():
         raise UserError(f"missing file {annotations}")
     test_paths, test_labels = [], []
-    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(annotations).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")

@@ -130,12 +130,12 @@ def _check(data: SourceData, val: int, jpeg_quality: int | None) -> None:
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory")
+    from vpn_dist.observe import make_output_dir
+
     meta_path = out_dir / "meta.json"
     if meta_path.exists() and not force:
         raise UserError(f"{out_dir} already holds a prepared data set (meta.json); pass --force to overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir, "--out")
     if force:  # meta first: from here on the old set no longer looks complete
         for name in ["meta.json"] + [f"{s}.beton" for s in SPLITS]:
             (out_dir / name).unlink(missing_ok=True)

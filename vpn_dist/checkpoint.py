@@ -11,6 +11,7 @@ from torch import nn
 from vpn_dist.errors import UserError
 
 STATE_FILE = "state.pt"
+STATE_KEYS = ("epoch", "base", "generator", "optimizer", "scheduler", "scaler", "scaler_skipped", "history", "meta")
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -31,9 +32,17 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise UserError(f"checkpoint {path} cannot be read: {err}") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is not a vpn-dist checkpoint (missing {', '.join(missing)})")
+    meta = state["meta"]
+    if (not isinstance(state["epoch"], int) or state["epoch"] < 1 or not isinstance(meta, dict)
+            or not isinstance(meta.get("shape"), list) or not isinstance(meta.get("num_classes"), int)):
+        raise UserError(f"checkpoint {path} is damaged (epoch {state['epoch']!r}, meta {meta!r})")
+    return state
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -55,11 +64,16 @@ def require_checkpoint(run_dir: str | Path) -> Path:
     return found
 
 
-def restore_models(state: dict[str, Any], base: nn.Module, generator: nn.Module | None = None) -> None:
+def restore_models(state: dict[str, Any], base: nn.Module, generator: nn.Module | None = None,
+                   where: str | Path = "the checkpoint") -> None:
     """Load a checkpoint's weights into freshly built models: the base, and the generator when one is given."""
-    base.load_state_dict(state["base"])
-    if generator is not None:
-        generator.load_state_dict(state["generator"])
+    try:
+        base.load_state_dict(state["base"])
+        if generator is not None:
+            generator.load_state_dict(state["generator"])
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{where} does not fit the run's models (damaged, or another config): {first}") from None
 
 
 def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
@@ -71,6 +85,26 @@ def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
         except UserError as err:
             print(f"skipping checkpoint {directory}: {err}", flush=True)
     return None
+
+
+def drop_unreadable(run_dir: str | Path) -> bool:
+    """A fresh start in a run directory whose checkpoints all fail to read: remove them (else eval and --resume
+    would find them again). Returns False, touching nothing, when one of them reads back whole."""
+    found = checkpoints(run_dir)
+    if any(_readable(directory) for directory in found):
+        return False
+    for directory in found:
+        print(f"removing unreadable checkpoint {directory}", flush=True)
+        shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def _readable(directory: Path) -> bool:
+    try:
+        load_checkpoint(directory)
+    except UserError:
+        return False
+    return True
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except UserError as err:
-        print(f"vpn-dist {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:  # one line, even when a library's message had several
+        print(f"vpn-dist {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a diverged run: say where, without a traceback
         print(f"vpn-dist {args.command}: training diverged: {err}", file=sys.stderr)

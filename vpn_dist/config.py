@@ -259,7 +259,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(m.generator != "none", "model.generator", f"mode {v.mode} needs a generator: {', '.join(GENERATORS)}",
              m.generator)
     need(v.gamma is None or (math.isfinite(v.gamma) and v.gamma >= 0), "vpn.gamma", "a number >= 0 (null: 0.01/K)", v.gamma)
-    need(v.m >= 1, "vpn.m", "an integer >= 1", v.m)
+    need(1 <= v.m <= 1024, "vpn.m", "an integer in 1..1024 (the batch grows m-fold)", v.m)
     need(v.bound in BOUNDS, "vpn.bound", f"one of {', '.join(BOUNDS)}", v.bound)
     if v.bound == "none":
         need(v.C is None, "vpn.C", "null when vpn.bound is none (set vpn.bound to elementwise or norm)", v.C)
@@ -288,7 +288,7 @@ def validate(cfg: RunConfig) -> RunConfig:
              "RANK:EPOCH:STEP, e.g. 1:1:5 (rank 1 exits at step 5 of epoch 1, once)", t.fault)
     if v.mode == "generator-only":
         need(bool(t.init_from), "train.init_from", "the run dir of a trained base model (--init-from RUN_DIR)", t.init_from)
-    need(cfg.data.num_workers >= 1, "data.num_workers", "an integer >= 1", cfg.data.num_workers)
+    need(1 <= cfg.data.num_workers <= 1024, "data.num_workers", "an integer in 1..1024", cfg.data.num_workers)
     need(d.workers >= 0, "dist.workers", "an integer >= 0 (0 runs in this process)", d.workers)
     need(0 < d.gpus_per_worker <= 1 or float(d.gpus_per_worker).is_integer(), "dist.gpus_per_worker",
          "a fraction in (0, 1] or a whole number of GPUs", d.gpus_per_worker)

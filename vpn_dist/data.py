@@ -17,23 +17,139 @@ from vpn_dist.errors import UserError
 
 
 def read_meta(data_dir, split: str | None = None) -> dict:
-    """meta.json of a prepared directory; with `split`, also require that split's .beton."""
+    """meta.json of a prepared directory, its fields checked; with `split`, also that split's .beton header."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data directory {data_dir} does not exist; create it with `vpn-dist prep`")
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise UserError(f"data directory {data_dir} {what}; create it with `vpn-dist prep`")
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"{meta_path} is missing: {data_dir} is not a complete `vpn-dist prep` output")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"{meta_path} is not readable JSON ({err})") from None
+    check_meta(meta, meta_path)
     if split is not None:
-        if not meta.get("splits", {}).get(split):
-            raise UserError(f"{data_dir} has no {split!r} split (splits: {meta.get('splits')})")
-        if not (data_dir / f"{split}.beton").is_file():
-            raise UserError(f"{data_dir / (split + '.beton')} is missing")
+        if not meta["splits"].get(split):
+            raise UserError(f"{data_dir} has no {split!r} split (splits: {meta['splits']})")
+        check_beton(data_dir / f"{split}.beton", meta, split)
     return meta
+
+
+def check_data(data_dir) -> dict:
+    """read_meta plus every split's .beton header, counts, labels and shapes: cheap, no pass over the pixels.
+    Run it before committing to a run, so damaged data stops the command before anything is written."""
+    meta = read_meta(data_dir)
+    for split, count in meta["splits"].items():
+        if count:
+            check_beton(Path(data_dir) / f"{split}.beton", meta, split)
+    return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(meta, meta_path: Path) -> None:
+    """The meta.json fields the loader and the trainer rely on, with their types and ranges."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            shown = meta.get(key, "missing") if isinstance(meta, dict) else meta
+            raise UserError(f"{meta_path}: {key} must be {what}, got {shown!r}; prepare the data again with "
+                            f"`vpn-dist prep ... --force`")
+
+    need(isinstance(meta, dict), "the file", "a JSON object")
+    need(_is_int(meta.get("num_classes")) and meta["num_classes"] >= 1, "num_classes", "an integer >= 1")
+    shape = meta.get("shape")
+    need(isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and d >= 1 for d in shape), "shape",
+         "[C, H, W] of positive integers")
+    splits = meta.get("splits")
+    need(isinstance(splits, dict) and set(splits) <= {"train", "val", "test"}
+         and all(_is_int(n) and n >= 0 for n in splits.values()), "splits",
+         "an object of train/val/test image counts >= 0")
+    need(splits.get("train", 0) > 0 and splits.get("test", 0) > 0, "splits", "counts with train and test above 0")
+    if "storage" in meta:
+        need(meta["storage"] in ("raw", "jpeg"), "storage", "'raw' or 'jpeg'")
+    if "has_mask" in meta:
+        need(isinstance(meta["has_mask"], bool), "has_mask", "true or false")
+    if "class_names" in meta:
+        need(isinstance(meta["class_names"], list) and len(meta["class_names"]) == meta["num_classes"],
+             "class_names", f"a list of num_classes ({meta['num_classes']}) names")
+    for key in ("mean", "std"):
+        if key in meta:
+            need(isinstance(meta[key], list) and len(meta[key]) == shape[0]
+                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta[key]), key,
+                 f"a list of {shape[0]} numbers (one per channel)")
+
+
+def check_beton(path: Path, meta: dict, split: str) -> None:
+    """One .beton against meta.json: header, fields, sample count, label range, image and mask shapes, and that
+    every pointer stays inside the file. Reads the header and the metadata table only (a few bytes per image)."""
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.reader import Reader
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing" + (" (a directory is in its place)" if path.is_dir() else ""))
+    redo = "prepare the data again with `vpn-dist prep ... --force`"
+    try:
+        reader = Reader(str(path))
+    except Exception as err:  # noqa: BLE001 - ffcv raises whatever a damaged header makes it raise
+        raise UserError(f"{path}: not a readable .beton ({type(err).__name__}: {err}); {redo}") from None
+    file_size = path.stat().st_size
+    expected = meta["splits"][split]
+    if reader.num_samples != expected or len(reader.metadata) != expected:
+        raise UserError(f"{path}: holds {len(reader.metadata)} of {reader.num_samples} images but meta.json says "
+                        f"{expected}; {redo}")
+    storage = meta.get("storage")
+    if storage is None:
+        raise UserError(f"{path.parent / 'meta.json'}: storage must be 'raw' or 'jpeg', got 'missing'; {redo}")
+    has_mask = bool(meta.get("has_mask"))
+    names = ["image", "label"] + (["mask"] if has_mask else [])
+    if reader.field_names != names:
+        raise UserError(f"{path}: fields {reader.field_names}, expected {names} (meta.json has_mask={has_mask}); "
+                        f"{redo}")
+    c, h, w = meta["shape"]
+    image, label = reader.handlers["image"], reader.handlers["label"]
+    raw_ok = isinstance(image, NDArrayField) and image.shape == (c, h, w) and image.dtype == np.uint8
+    if not isinstance(label, IntField) or (storage == "raw" and not raw_ok) or (
+            storage == "jpeg" and not isinstance(image, RGBImageField)):
+        shown = getattr(image, "shape", type(image).__name__)
+        raise UserError(f"{path}: image field {shown} does not match meta.json (shape {meta['shape']}, storage "
+                        f"{storage}); {redo}")
+    columns = dict(zip(names, reader.metadata.dtype.names))
+    labels = reader.metadata[columns["label"]]
+    if len(labels) and (labels.min() < 0 or labels.max() >= meta["num_classes"]):
+        raise UserError(f"{path}: labels {int(labels.min())}..{int(labels.max())} are out of range for "
+                        f"num_classes {meta['num_classes']} in meta.json; {redo}")
+    table, data_end = reader.alloc_table, int(reader.header["alloc_table_ptr"])
+    sizes = {"image": c * h * w, "mask": h * w}
+    pointers = []
+    for name in ("image", "mask") if has_mask else ("image",):
+        column = reader.metadata[columns[name]]
+        if name == "image" and storage == "jpeg":
+            if len(column) and (np.any(column["height"] != h) or np.any(column["width"] != w)):
+                raise UserError(f"{path}: JPEG images are not {h}x{w} as meta.json says; {redo}")
+            column = column["data_ptr"]
+        elif name == "mask" and getattr(reader.handlers["mask"], "shape", None) != (1, h, w):
+            raise UserError(f"{path}: mask field is not (1, {h}, {w}) as meta.json says; {redo}")
+        pointers.append((name, column.astype(np.uint64), sizes[name]))
+    bad_table = (file_size < data_end or (file_size - data_end) % table.dtype.itemsize
+                 or len(table) != len(pointers) * expected
+                 or np.any(table["ptr"] + table["size"] > data_end) or np.any(table["sample_id"] >= expected))
+    order = np.argsort(table["ptr"])
+    for name, column, size in pointers:
+        found = np.searchsorted(table["ptr"][order], column)
+        if bad_table or np.any(found >= len(table)):
+            bad_table = True
+            break
+        hit = order[found]
+        if np.any(table["ptr"][hit] != column) or (storage == "raw" or name == "mask") and np.any(
+                table["size"][hit] != size):
+            bad_table = True
+    if bad_table:
+        raise UserError(f"{path}: the allocation table or the image pointers are damaged (truncated or overwritten "
+                        f"file); {redo}")
 
 
 class Loader:

@@ -13,10 +13,10 @@ import torch
 
 from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, resolved_gamma, save_yaml, validate
-from vpn_dist.data import read_meta
+from vpn_dist.data import check_data
 from vpn_dist.errors import TrainingFailed, UserError
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
-from vpn_dist.observe import write_json_atomic
+from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.train import autocast_for, build_models, pick_device, train_loop
 
 
@@ -26,11 +26,13 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     `ray_callbacks` go to Ray Train's RunConfig (Tune passes its TuneReportCallback).
     """
     validate(cfg)
-    meta = read_meta(cfg.data.path)  # fails fast on a missing or unprepared data directory
+    meta = check_data(cfg.data.path)  # header, counts, labels, shapes: damaged data stops before RUN_DIR exists
     run_dir = Path(cfg.out).resolve()
     cfg.out, cfg.data.path = str(run_dir), str(Path(cfg.data.path).resolve())
     if cfg.train.init_from:
         cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
+        if cfg.vpn.mode == "generator-only":  # the trained base must be there before RUN_DIR is
+            ckpt.require_checkpoint(cfg.train.init_from)
     cfg.vpn.gamma = resolved_gamma(cfg, meta["num_classes"])  # the paper's gamma, written out in config.yaml
     if resume:
         done = ckpt.load_latest(run_dir)
@@ -38,9 +40,9 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
             raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
         if done["epoch"] >= cfg.train.epochs:
             raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of {cfg.train.epochs} epochs")
-    elif ckpt.latest_checkpoint(run_dir):  # a run that stopped before its first checkpoint simply starts again
+    elif not ckpt.drop_unreadable(run_dir):  # a run that stopped before its first checkpoint simply starts again
         raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(run_dir, "run directory")
     save_yaml(cfg, run_dir / "config.yaml")
 
     invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
@@ -134,6 +136,8 @@ def _worker_errors(err: Exception) -> str:
 
 def load_run(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} {'is not a directory' if Path(run_dir).exists() else 'does not exist'}")
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     return load_yaml(path)
@@ -144,22 +148,24 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | 
     top_k: Algorithm 2 over the top_k classes of h(x) (default: the run's train.alg2_top_k; 0 is exact)."""
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
+    cfg.out = str(run_dir)
     if data_dir:
         cfg.data.path = str(data_dir)
+    validate(cfg)  # a hand-edited config.yaml gets the same checks as a new run
     if top_k is not None:
         if top_k < 0:
             raise UserError(f"--alg2-top-k {top_k} must be >= 0 (0: exact Algorithm 2)")
         cfg.train.alg2_top_k = top_k
     found = ckpt.require_checkpoint(run_dir)
     state = ckpt.load_checkpoint(found)
-    meta = read_meta(cfg.data.path)
+    meta = check_data(cfg.data.path)
     if tuple(meta["shape"]) != tuple(state["meta"]["shape"]) or meta["num_classes"] != state["meta"]["num_classes"]:
         raise UserError(f"data {cfg.data.path} has shape {meta['shape']} and {meta['num_classes']} classes; the run "
                         f"was trained on {state['meta']['shape']} with {state['meta']['num_classes']}")
     device = pick_device(cfg, using_ray=False)
     num_classes = meta["num_classes"]
     base, generator = build_models(cfg, meta, device)
-    ckpt.restore_models(state, base, generator)
+    ckpt.restore_models(state, base, generator, where=found / ckpt.STATE_FILE)
     torch.manual_seed(cfg.train.seed)
     result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
     result |= evaluate_splits(base, generator, eval_loaders(cfg, meta, device), num_classes=num_classes,

@@ -3,10 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vpn_dist.errors import UserError
+
+
+def make_output_dir(path: Path, what: str) -> None:
+    """Create an output directory (and its parents), or stop with one line that says why it cannot be one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be created: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -105,7 +105,7 @@ def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
     if trained["config"]["model"]["base"] != cfg.model.base:
         raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
                         f"not {cfg.model.base!r}")
-    ckpt.restore_models(trained, base)
+    ckpt.restore_models(trained, base, where=f"--init-from {cfg.train.init_from}")
     base.requires_grad_(False)
 
 
@@ -235,10 +235,15 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     state = ckpt.load_latest(run_dir)
     start_epoch, history, scaler_skipped = 0, [], 0
     if state is not None:
-        ckpt.restore_models(state, base, generator)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        where = ckpt.latest_checkpoint(run_dir)
+        ckpt.restore_models(state, base, generator, where=where)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            raise UserError(f"{where}: its optimizer state does not fit this run ({type(err).__name__}: {err})") \
+                from None
         start_epoch, history, scaler_skipped = state["epoch"], state["history"], state["scaler_skipped"]
     if cfg.vpn.mode == "generator-only":
         base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too

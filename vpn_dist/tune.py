@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vpn_dist.errors import UserError
-from vpn_dist.observe import write_json_atomic
+from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.sweep import driver, report
 from vpn_dist.sweep.space import (Space, SweepSettings, check_space, dataset_table, load_space, max_epochs,
                                   resolve_trial)
@@ -99,7 +99,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
     print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
-    (out / "trials").mkdir(parents=True, exist_ok=True)
+    make_output_dir(out / "trials", "--out")
     write_json_atomic(out / "sweep.json", {"space_arg": args.space, "settings": settings.to_dict(),
                                            "started": time.time()})
     return space, settings
@@ -110,10 +110,14 @@ def _resumed(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]
     sweep_file = out / "sweep.json"
     if not sweep_file.is_file():
         raise UserError(f"--resume: {out} holds no sweep to resume (no sweep.json); start it without --resume")
-    saved = json.loads(sweep_file.read_text())
-    if args.space != saved["space_arg"]:
+    try:
+        saved = json.loads(sweep_file.read_text())
+        settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": before vpn_dist.sweep
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"--resume: {sweep_file} is damaged ({type(err).__name__}: {err}); start a new sweep in "
+                        f"another --out") from None
+    if args.space != saved.get("space_arg"):
         raise UserError(f"--resume: {out} is a sweep of space {saved['space_arg']!r}, not {args.space!r}")
-    settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": written before vpn_dist.sweep
     paths = [d["path"] for d in settings.datasets.values()]
     given = {str(Path(d).resolve()) for d in args.data}
     if given and not given <= set(paths):

@@ -64,16 +64,17 @@ def trained_run(run_dir: str, data_dir: str | None, images: int):
     """The run's base and generator at their last checkpoint, and up to `images` of its test split."""
     from vpn_dist import checkpoint as ckpt
     from vpn_dist.config import resolved_gamma
-    from vpn_dist.data import Loader, read_meta
+    from vpn_dist.data import Loader, check_data
     from vpn_dist.launch import load_run
     from vpn_dist.train import build_models
 
     cfg = load_run(run_dir)
     if cfg.model.generator == "none":
         raise UserError(f"--run {run_dir} has no generator: Algorithm 2 needs one")
-    meta = read_meta(data_dir or cfg.data.path)
+    meta = check_data(data_dir or cfg.data.path)
     base, generator = build_models(cfg, meta, torch.device("cpu"))
-    ckpt.restore_models(ckpt.load_checkpoint(ckpt.require_checkpoint(run_dir)), base, generator)
+    found = ckpt.require_checkpoint(run_dir)
+    ckpt.restore_models(ckpt.load_checkpoint(found), base, generator, where=found / ckpt.STATE_FILE)
     xs, ys, n = [], [], 0
     for x, y in Loader(data_dir or cfg.data.path, "test", batch_size=512, train=False, device=torch.device("cpu"),
                        num_workers=1):

@@ -25,7 +25,7 @@ from typing import Any
 from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
 from vpn_dist.launch import ray_session
-from vpn_dist.observe import write_json_atomic
+from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
                                        run_rows, write_csv, write_report)
@@ -211,7 +211,7 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
     if args.cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     check_plan(plan)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "--out")
     write_json_atomic(out / "reproduce.json", plan.to_dict())
     return plan
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
-from vpn_dist.data import read_meta
+from vpn_dist.data import check_data, read_meta
 from vpn_dist.errors import UserError
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.csv")
@@ -151,6 +151,8 @@ def check_plan(plan: Plan) -> None:
         raise UserError("the grid is empty: no table row matches --bases/--generators/--modes")
     for run in runs:  # every run's config must be valid before the first one starts
         run_config(plan, run, Path("/nonexistent"))
+    for path in plan.data.values():  # damaged data stops the grid before any run
+        check_data(path)
 
 
 def grid(plan: Plan) -> list[Run]:

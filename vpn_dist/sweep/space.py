@@ -84,6 +84,12 @@ def load_space(name: str) -> Space:
     if unknown:
         raise UserError(f"space {name}: unknown field(s) {', '.join(sorted(unknown))}; fields are {', '.join(names)}")
     space = Space(**raw)
+    for key, kind, what in (("description", str, "a string"), ("axes", dict, "a dict of axes"),
+                            ("fixed", dict, "a dict of fixed values")):
+        if not isinstance(getattr(space, key), kind):
+            raise UserError(f"space {name}: {key} must be {what}, got {getattr(space, key)!r}")
+    if space.data is not None and not (isinstance(space.data, list) and all(isinstance(d, str) for d in space.data)):
+        raise UserError(f"space {name}: data must be None or a list of data set names, got {space.data!r}")
     if space.metric not in SELECTION_METRICS:
         raise UserError(f"space {name}: metric {space.metric!r} must be a validation metric: "
                         f"{', '.join(SELECTION_METRICS)} (the test split never selects)")
@@ -104,14 +110,14 @@ def load_space(name: str) -> Space:
 
 def dataset_table(data_dirs: list[str], wanted: list[str] | None) -> dict[str, dict[str, Any]]:
     """label -> {path, num_classes, name} for the --data dirs the space keeps; every one must have a val split."""
-    from vpn_dist.data import read_meta
+    from vpn_dist.data import check_data
 
     if not data_dirs:
         raise UserError("give at least one --data DIR (a `vpn-dist prep` output with --val N)")
     table: dict[str, dict[str, Any]] = {}
     for raw in data_dirs:
         path = Path(raw).resolve()
-        meta = read_meta(path)
+        meta = check_data(raw)  # damaged data stops the sweep before any trial
         if not meta.get("splits", {}).get("val") or not (path / "val.beton").is_file():
             raise UserError(f"{raw} has no val split, and the sweep selects on validation accuracy only: prepare it "
                             f"with `vpn-dist prep ... --val N` (e.g. --val 5000)")
