@@ -309,7 +309,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.global_step += 1
         if run.global_step % cfg.train.log_every == 0:
             stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
-            run.log.step(run.global_step, float(loss))
+            run.log.step(run.global_step, float(loss.detach()))
     stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
     run.scheduler.step()
     train_time = time.perf_counter() - start
