@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_console import assert_console_once
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +38,8 @@ def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     assert metrics["test_acc_alg2"] > 0.3 and metrics["test_acc_no_noise"] > 0.3  # chance is 0.25
     # in line with an uninterrupted 2-worker run (noise draws differ only in the redone partial epoch)
     clean = tmp_path / "clean"
-    cli("train", *args, "--out", str(clean), timeout=600)
+    console = cli("train", *args, "--out", str(clean), timeout=600)
+    assert_console_once(console.stdout + console.stderr, epochs=2)  # rank 0's line once; no per-rank report dumps
     reference = json.loads((clean / "metrics.json").read_text())
     assert abs(metrics["test_acc_no_noise"] - reference["test_acc_no_noise"]) < 0.08
     assert (out / "tb").is_dir() and list((out / "checkpoints").glob("epoch_0002/state.pt"))
@@ -79,17 +81,20 @@ def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
     dashboard = free_port()
     head = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                            "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                           str(dashboard), "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
+                           str(dashboard), "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
+                           # the job agent's fixed default port (52365) is taken when another Ray runs here
+                           "--dashboard-agent-listen-port", str(free_port()),
+                           "--ray-client-server-port", str(free_port())],
                           capture_output=True, text=True, env=env, timeout=180)
     try:
         assert head.returncode == 0, head.stderr
         out = tmp_path / "job-run"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a busy 2-core machine took over 120 s to start the agent
         while True:  # the head's job agent may still be starting on a loaded machine: Ray says so, and to retry
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
                  str(BIN / "vpn-dist"), "train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3",
-                 "--mode", "joint", "--epochs", "1", "--out", str(out), "--workers", "2", "--set",
+                 "--mode", "joint", "--epochs", "2", "--out", str(out), "--workers", "2", "--set",
                  "train.batch_size=100", "--set", "data.num_workers=1"],
                 capture_output=True, text=True, env=env, timeout=600)
             if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
@@ -97,8 +102,9 @@ def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
+        assert_console_once(submit.stdout + submit.stderr, epochs=2)  # joining a cluster printed them 2 to 4 times
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["epochs_completed"] == 1 and metrics["attempts"][0]["world_size"] == 2
+        assert metrics["epochs_completed"] == 2 and metrics["attempts"][0]["world_size"] == 2
         assert metrics["attempts"][0]["master_addr"] == "127.0.0.1"
         assert list((out / "tb").rglob("events.out.tfevents.*"))
     finally:
