@@ -1,7 +1,8 @@
 """Kill drills, automatic: SIGKILL a `vpn-dist train` driver mid-epoch, cut its newest checkpoint short, then
 `--resume`: the run falls back to the previous checkpoint, says so, and completes its configured epochs.
 
-(A sweep driver killed with SIGKILL and resumed: tests/test_reproduce.py; Ctrl-C on `vpn-dist tune`: tests/test_tune.py.)
+(A sweep driver killed with SIGKILL, then resumed: tests/test_reproduce.py; Ctrl-C on `vpn-dist tune`:
+tests/test_tune.py.)
 """
 import json
 import os

@@ -11,6 +11,7 @@ from torch import nn
 from vpn_dist.errors import UserError
 
 STATE_FILE = "state.pt"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's, in RUN_DIR/checkpoints
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -77,6 +78,9 @@ def load_latest(run_dir: str | Path, set_aside: bool = False) -> dict[str, Any] 
                 aside = directory.with_name(f"unreadable-{directory.name}")
                 shutil.rmtree(aside, ignore_errors=True)
                 directory.rename(aside)
+                # Ray Train's list of the checkpoints it was given names the moved one, and Ray would refuse to
+                # start; without the list Ray starts a new one (this module finds checkpoints by their directories)
+                (Path(run_dir) / "checkpoints" / RAY_SNAPSHOT).unlink(missing_ok=True)
                 print(f"moved it to {aside}", flush=True)
             continue
         if directory != found[-1]:
