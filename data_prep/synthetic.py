@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep.write import SourceData
 from vpn_dist.errors import UserError
@@ -50,11 +51,13 @@ def make_synthetic(n: int, *, classes: int = 4, size: tuple[int, int] = (32, 32)
     rng = np.random.default_rng([seed, stream, VERSION])
     labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
     images, masks = [], []
-    for i, start in enumerate(range(0, n, 4096)):  # chunks bound memory; each has its own seeded stream
-        x, m = _render(labels[start:start + 4096], classes, size, np.random.default_rng([seed, stream, VERSION, i]),
-                       fragments)
-        images.append(x)
-        masks.append(m)
+    with tqdm(total=n, desc="rendering", unit="img", disable=n <= 4096) as bar:  # a bar once there are chunks
+        for i, start in enumerate(range(0, n, 4096)):  # chunks bound memory; each has its own seeded stream
+            x, m = _render(labels[start:start + 4096], classes, size,
+                           np.random.default_rng([seed, stream, VERSION, i]), fragments)
+            images.append(x)
+            masks.append(m)
+            bar.update(len(x))
     return np.concatenate(images), labels, np.concatenate(masks)
 
 

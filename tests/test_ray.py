@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_console import assert_console_once
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +38,8 @@ def test_two_workers_survive_a_killed_worker(synthetic_dir, tmp_path, cli):
     assert metrics["test_acc_alg2"] > 0.3 and metrics["test_acc_no_noise"] > 0.3  # chance is 0.25
     # in line with an uninterrupted 2-worker run (noise draws differ only in the redone partial epoch)
     clean = tmp_path / "clean"
-    cli("train", *args, "--out", str(clean), timeout=600)
+    console = cli("train", *args, "--out", str(clean), timeout=600)
+    assert_console_once(console.stdout + console.stderr, epochs=2)  # rank 0's line once; no per-rank report dumps
     reference = json.loads((clean / "metrics.json").read_text())
     assert abs(metrics["test_acc_no_noise"] - reference["test_acc_no_noise"]) < 0.08
     assert (out / "tb").is_dir() and list((out / "checkpoints").glob("epoch_0002/state.pt"))
@@ -64,6 +66,7 @@ def stop_head(temp_dir: str) -> None:
     import psutil
 
     mine = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in arg for arg in (p.info["cmdline"] or []))]
+    mine += [child for p in mine for child in _children(p)]  # agents retitle themselves (ray::DashboardAgent)
     for proc in mine:
         proc.terminate()
     _, alive = psutil.wait_procs(mine, timeout=20)
@@ -71,36 +74,83 @@ def stop_head(temp_dir: str) -> None:
         proc.kill()
 
 
-def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+LOOPBACK_ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
     # loopback only, as `vpn_dist.launch.ray_session` does for a local Ray: workers report 127.0.0.1
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
-    temp_dir = tempfile.mkdtemp(prefix="vpnray", dir="/tmp")  # short: Ray's socket paths must stay short
-    dashboard = free_port()
-    head = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-                           "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                           str(dashboard), "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"],
-                          capture_output=True, text=True, env=env, timeout=180)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def ray_start(temp_dir: str, *args: str) -> None:
+    """`ray start` for one node on 127.0.0.1 with its own temp dir (what stop_head finds it by)."""
+    node = subprocess.run([str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+                           "--disable-usage-stats",
+                           # the job agent's fixed default port (52365) is taken when another Ray runs here
+                           "--dashboard-agent-listen-port", str(free_port()), *args],
+                          capture_output=True, text=True, env=LOOPBACK_ENV, timeout=180)
+    assert node.returncode == 0, node.stderr
+
+
+def start_head(temp_dir: str, num_cpus: int) -> tuple[int, int]:
+    """A head node; returns (GCS port, dashboard port)."""
+    gcs, dashboard = free_port(), free_port()
+    ray_start(temp_dir, "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+              str(dashboard), "--num-cpus", str(num_cpus), "--ray-client-server-port", str(free_port()))
+    return gcs, dashboard
+
+
+def submit(dashboard: int, *argv: str) -> subprocess.CompletedProcess:
+    """`ray job submit -- vpn-dist ARGV`, waiting for the head's job agent (slow to start on a loaded machine:
+    Ray says so, and to retry)."""
+    deadline = time.monotonic() + 300  # a busy 2-core machine took over 120 s
+    while True:
+        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                              str(BIN / "vpn-dist"), *argv], capture_output=True, text=True, env=LOOPBACK_ENV,
+                             timeout=600)
+        if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(3)
+
+
+def _children(proc) -> list:
+    import psutil
+
     try:
-        assert head.returncode == 0, head.stderr
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="vpnray", dir="/tmp")  # short: Ray's socket paths must stay short
+    try:
+        _, dashboard = start_head(temp_dir, num_cpus=2)
         out = tmp_path / "job-run"
-        deadline = time.monotonic() + 120
-        while True:  # the head's job agent may still be starting on a loaded machine: Ray says so, and to retry
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
-                 str(BIN / "vpn-dist"), "train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3",
-                 "--mode", "joint", "--epochs", "1", "--out", str(out), "--workers", "2", "--set",
-                 "train.batch_size=100", "--set", "data.num_workers=1"],
-                capture_output=True, text=True, env=env, timeout=600)
-            if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in submit.stdout.lower()
+        job = submit(dashboard, "train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3",
+                     "--mode", "joint", "--epochs", "2", "--out", str(out), "--workers", "2", "--set",
+                     "train.batch_size=100", "--set", "data.num_workers=1")
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        assert_console_once(job.stdout + job.stderr, epochs=2)  # joining a cluster printed them 2 to 4 times
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["epochs_completed"] == 1 and metrics["attempts"][0]["world_size"] == 2
+        assert metrics["epochs_completed"] == 2 and metrics["attempts"][0]["world_size"] == 2
         assert metrics["attempts"][0]["master_addr"] == "127.0.0.1"
         assert list((out / "tb").rglob("events.out.tfevents.*"))
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_worker_that_does_not_see_run_dir_stops_the_run_naming_node_and_path(synthetic_dir, tmp_path):
+    """RUN_DIR on a disk the workers do not share, played on one machine: the driver skips writing its marker."""
+    out = tmp_path / "unshared"
+    script = ("import sys, vpn_dist.launch as launch; launch.write_storage_marker = lambda *a: None; "
+              "from vpn_dist.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, "train", "--data", str(synthetic_dir), "--base", "sr",
+                           "--generator", "none", "--mode", "baseline", "--epochs", "1", "--out", str(out),
+                           "--workers", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "does not see the run directory the driver wrote" in last and "node " in last, last
+    assert f"{out / '.storage-marker'} is missing" in last and "cluster/README.md" in last, last
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("epoch_*")), "nothing trained"

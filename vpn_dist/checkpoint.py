@@ -12,6 +12,7 @@ from vpn_dist.errors import UserError
 
 STATE_FILE = "state.pt"
 STATE_KEYS = ("epoch", "base", "generator", "optimizer", "scheduler", "scaler", "scaler_skipped", "history", "meta")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's, in RUN_DIR/checkpoints
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -76,14 +77,29 @@ def restore_models(state: dict[str, Any], base: nn.Module, generator: nn.Module 
         raise UserError(f"{where} does not fit the run's models (damaged, or another config): {first}") from None
 
 
-def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest checkpoint of a run that reads back whole; one cut short by a crash is skipped."""
+def load_latest(run_dir: str | Path, set_aside: bool = False) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that reads back whole; one cut short (a crash, a full disk) is skipped.
+
+    set_aside (--resume, before any worker starts): move each unreadable one to checkpoints/unreadable-epoch_NNNN,
+    so the resumed run writes that epoch afresh and every later reader finds the same checkpoint."""
     found = checkpoints(run_dir)
     for directory in reversed(found):
         try:
-            return load_checkpoint(directory)
+            state = load_checkpoint(directory)
         except UserError as err:
             print(f"skipping checkpoint {directory}: {err}", flush=True)
+            if set_aside:
+                aside = directory.with_name(f"unreadable-{directory.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                directory.rename(aside)
+                # Ray Train's list of the checkpoints it was given names the moved one, and Ray would refuse to
+                # start; without the list Ray starts a new one (this module finds checkpoints by their directories)
+                (Path(run_dir) / "checkpoints" / RAY_SNAPSHOT).unlink(missing_ok=True)
+                print(f"moved it to {aside}", flush=True)
+            continue
+        if directory != found[-1]:
+            print(f"resuming from {directory}, the newest checkpoint that reads back whole", flush=True)
+        return state
     return None
 
 

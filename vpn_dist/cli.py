@@ -25,6 +25,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (dist.workers); omit to train in this process")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray worker (dist.gpu)")
     p.add_argument("--cpus-per-worker", type=int, help="CPUs per Ray worker (dist.cpus_per_worker)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray Train's own log lines (a report per rank "
+                                                          "and epoch, checkpoint notices; always in Ray's log files)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -39,7 +41,7 @@ def run_train(args: argparse.Namespace) -> int:
         flags["out"] = args.resume
     base = load_run(args.resume) if args.resume else None
     cfg = config_from_args(args.config, flags, args.overrides, base)
-    final = train(cfg, resume=bool(args.resume))
+    final = train(cfg, resume=bool(args.resume), verbose=args.verbose)
     shown = {k: final[k] for k in ("test_acc_alg2", "test_acc_no_noise", "train_loss", "train_acc",
                                    "epochs_completed", "wall_time_s", "train_images_per_sec") if k in final}
     print(json.dumps(shown, indent=2))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -20,10 +22,13 @@ from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.train import autocast_for, build_models, pick_device, train_loop
 
 
-def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None,
+          verbose: bool = False) -> dict[str, Any]:
     """Run one training job to completion and return its final metrics (what metrics.json holds).
 
-    `ray_callbacks` go to Ray Train's RunConfig (Tune passes its TuneReportCallback).
+    `ray_callbacks` go to Ray Train's RunConfig (Tune passes its TuneReportCallback). `verbose` shows Ray Train's
+    own INFO lines on the console (a report dump per rank and epoch, checkpoint notices); Ray's log files keep
+    them either way.
     """
     validate(cfg)
     meta = check_data(cfg.data.path)  # header, counts, labels, shapes: damaged data stops before RUN_DIR exists
@@ -35,7 +40,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
             ckpt.require_checkpoint(cfg.train.init_from)
     cfg.vpn.gamma = resolved_gamma(cfg, meta["num_classes"])  # the paper's gamma, written out in config.yaml
     if resume:
-        done = ckpt.load_latest(run_dir)
+        done = ckpt.load_latest(run_dir, set_aside=True)
         if done is None:
             raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
         if done["epoch"] >= cfg.train.epochs:
@@ -48,7 +53,8 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
     if cfg.dist.workers == 0:
         return train_loop(cfg, invocation=invocation)
-    run_on_ray(cfg, invocation, ray_callbacks or [])
+    write_storage_marker(run_dir, invocation)
+    run_on_ray(cfg, invocation, ray_callbacks or [], verbose)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -57,7 +63,6 @@ def local_ray_environment() -> None:
     host's address. Ray reads these when it is first imported, so the CLI calls this before anything imports Ray."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # our console lines, printed once
 
 
 @contextlib.contextmanager
@@ -86,22 +91,26 @@ def ray_session(num_cpus: int = 0):
         ray.shutdown()
 
 
-def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list) -> None:
+def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool = False) -> None:
     """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
 
     With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
     local Ray bound to 127.0.0.1 and stops it at the end.
     """
+    # Ray Train turns a worker's print() into a log record that reaches the console by more than one path when
+    # joining a cluster (each epoch line showed 2 to 4 times); plain prints arrive once. Ray passes this variable
+    # on to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker):
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
         from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         run_dir = Path(cfg.out)
         trainer = TorchTrainer(
             train_on_ray_worker,
-            train_loop_config={"run": cfg.to_dict(), "invocation": invocation},
+            train_loop_config={"run": cfg.to_dict(), "invocation": invocation, "verbose": verbose},
             scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=cfg.dist.gpu,
                                          resources_per_worker={"CPU": cfg.dist.cpus_per_worker} | (
                                              {"GPU": cfg.dist.gpus_per_worker} if cfg.dist.gpu else {})),
@@ -109,6 +118,7 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list) -> None:
             run_config=RayRunConfig(
                 name="checkpoints", storage_path=str(run_dir), callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )
         try:
@@ -120,8 +130,50 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list) -> None:
 
 
 def train_on_ray_worker(config: dict[str, Any]) -> None:
-    """What Ray Train runs on each worker. Ray passes one dict: it carries the run config and the call's id."""
-    train_loop(from_dict(config["run"]), using_ray=True, invocation=config["invocation"])
+    """What Ray Train runs on each worker. Ray passes one dict: the run config, the call's id, --verbose."""
+    if not config["verbose"]:
+        quiet_report_dumps()
+    cfg = from_dict(config["run"])
+    check_storage_marker(Path(cfg.out), config["invocation"])
+    train_loop(cfg, using_ray=True, invocation=config["invocation"])
+
+
+def quiet_report_dumps() -> None:
+    """Keep Ray Train's `Reporting training result N: TrainingReport(...)` line (one per rank per epoch) off the
+    console. Its logger sits outside `ray.train` (it is named by its file's path), so LoggingConfig's level misses
+    it; Ray's log files (logs/train/ray-train-app-worker-*.log in the Ray session directory) still get it."""
+    from ray._private.log import PlainRayHandler
+    from ray.train.v2._internal.execution.context import logger as report_logger
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.addFilter(lambda record: record.name != report_logger.name)
+
+
+STORAGE_MARKER = ".storage-marker"
+
+
+def write_storage_marker(run_dir: Path, invocation: str) -> None:
+    """The driver's note in RUN_DIR for this call: a worker that cannot read it back writes to another disk."""
+    write_json_atomic(run_dir / STORAGE_MARKER, {"invocation": invocation, "driver_host": socket.gethostname()})
+
+
+def check_storage_marker(run_dir: Path, invocation: str) -> None:
+    """Stop before training when this worker does not see the driver's RUN_DIR: on a cluster RUN_DIR must be
+    storage every node shares (checkpoints, metrics.json and recovery all go through it; cluster/README.md)."""
+    path = run_dir / STORAGE_MARKER
+    try:
+        seen = json.loads(path.read_text()).get("invocation")
+    except (OSError, ValueError):
+        seen = None
+    if seen != invocation:
+        import ray
+
+        node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+        found = "is missing" if seen is None else "holds another run's marker"
+        raise UserError(f"node {node} does not see the run directory the driver wrote: {path} {found}. "
+                        f"RUN_DIR must be on storage every node mounts at the same path (NFS, a shared volume); "
+                        f"see cluster/README.md")
 
 
 def _worker_errors(err: Exception) -> str:

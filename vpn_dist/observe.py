@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+PLAIN_PROGRESS_EVERY_S = 60.0  # off a terminal: one progress line a minute within a long epoch
 
 from vpn_dist.errors import UserError
 
@@ -104,6 +109,10 @@ class RunLog:
               f"test acc alg2 {shown('test_acc_alg2')} no-noise {shown('test_acc_no_noise')}"
               f" | {metrics['train_images_per_sec']:.0f} img/s | {metrics['epoch_time_s']:.1f}s", flush=True)
 
+    def progress(self, epoch: int, steps: int, world_size: int) -> EpochProgress | None:
+        """Progress within an epoch (rank 0): see EpochProgress."""
+        return EpochProgress(epoch, steps, world_size) if self.enabled else None
+
     def figure(self, epoch: int, x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> None:
         if not self.enabled:
             return
@@ -120,3 +129,34 @@ class RunLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+class EpochProgress:
+    """Steps and images/s within an epoch: a tqdm bar on a terminal; elsewhere (a log file, a Ray worker, `ray job
+    submit`) a redrawn bar is noise, so a plain line every PLAIN_PROGRESS_EVERY_S seconds instead."""
+
+    def __init__(self, epoch: int, steps: int, world_size: int):
+        self.epoch, self.steps, self.world_size = epoch, steps, world_size
+        self.step, self.rows = 0, 0
+        self.start = self.last_line = time.perf_counter()
+        self.bar = None
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch:3d}", unit="step", leave=False, file=sys.stdout,
+                            dynamic_ncols=True)
+
+    def update(self, rows: int) -> None:
+        """One step of `rows` images on this rank (all ranks step together, so images/s counts world_size ranks)."""
+        self.step += 1
+        self.rows += rows
+        now = time.perf_counter()
+        images_per_s = self.rows * self.world_size / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{images_per_s:.0f} img/s", refresh=False)
+            self.bar.update(1)
+        elif now - self.last_line >= PLAIN_PROGRESS_EVERY_S:
+            self.last_line = now
+            print(f"epoch {self.epoch:3d} | step {self.step}/{self.steps} | {images_per_s:.0f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

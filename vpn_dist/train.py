@@ -289,6 +289,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     first_bad_step = torch.full((), -1, device=run.device, dtype=torch.long)  # the first non-finite loss, if any
     first_bad_loss = torch.zeros((), device=run.device)
     rows = 0
+    progress = run.log.progress(epoch + 1, len(run.train_batches), run.worker.world_size)
     start = time.perf_counter()
     for step, (x, y) in enumerate(run.train_batches):
         maybe_inject_fault(cfg, run.run_dir, rank, epoch, step)
@@ -306,10 +307,14 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         first_bad_step = torch.where(diverged_now, step, first_bad_step)
         first_bad_loss = torch.where(diverged_now, loss.detach().float(), first_bad_loss)
         rows += len(y)
+        if progress is not None:
+            progress.update(len(y))
         run.global_step += 1
         if run.global_step % cfg.train.log_every == 0:
             stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
             run.log.step(run.global_step, float(loss.detach()))
+    if progress is not None:
+        progress.close()
     stop_if_diverged(first_bad_step, first_bad_loss, epoch, rank)
     run.scheduler.step()
     train_time = time.perf_counter() - start

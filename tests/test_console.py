@@ -1,0 +1,65 @@
+"""What a person sees: one line per epoch, progress within an epoch, and a clear stop when a worker cannot see
+RUN_DIR."""
+import io
+import re
+import sys
+
+import pytest
+
+from vpn_dist import observe
+from vpn_dist.cli import main
+from vpn_dist.errors import UserError
+from vpn_dist.launch import STORAGE_MARKER, check_storage_marker, write_storage_marker
+
+FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1", "--set", "train.optimizer=adam",
+        "--set", "train.lr_schedule=constant"]
+
+
+def epoch_lines(text: str, epoch: int) -> list[str]:
+    """The run's per-epoch summary lines for `epoch` (Ray prefixes a worker's lines with its name and pid)."""
+    return re.findall(rf"^.*epoch +{epoch} \| loss .*$", text, flags=re.MULTILINE)
+
+
+def assert_console_once(text: str, epochs: int) -> None:
+    """Each epoch's line exactly once, and none of Ray Train's per-report dumps."""
+    for epoch in range(1, epochs + 1):
+        assert len(epoch_lines(text, epoch)) == 1, f"epoch {epoch}:\n{text[-4000:]}"
+    assert "TrainingReport(" not in text, text[-4000:]
+
+
+def test_in_process_run_prints_each_epoch_once_with_plain_progress_off_a_terminal(synthetic_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.setattr(observe, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a progress line every step
+    assert main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3", "--mode", "joint",
+                 "--epochs", "2", "--out", str(tmp_path / "run"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert_console_once(out, 2)
+    steps = 800 // 100  # 800 training images
+    assert re.search(rf"^epoch   2 \| step {steps}/{steps} \| \d+ img/s$", out, flags=re.MULTILINE), out
+    assert "\r" not in out, "no redrawn bar in a log"
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    progress = observe.EpochProgress(epoch=3, steps=4, world_size=2)
+    for _ in range(4):
+        progress.update(100)
+    bar = str(progress.bar)  # tqdm redraws at most every 0.1 s: read its last state directly
+    progress.close()
+    assert "\r" in screen.getvalue() and "epoch   3" in screen.getvalue()
+    assert "4/4" in bar and "img/s" in bar, bar
+
+
+def test_a_worker_that_cannot_see_the_drivers_marker_stops_naming_node_and_path(tmp_path):
+    with pytest.raises(UserError, match=rf"node .* does not see .*{STORAGE_MARKER} is missing.*cluster/README.md"):
+        check_storage_marker(tmp_path, "call-1")
+    write_storage_marker(tmp_path, "call-0")  # a marker left by another call (same path, another disk's run)
+    with pytest.raises(UserError, match="another run's marker"):
+        check_storage_marker(tmp_path, "call-1")
+    write_storage_marker(tmp_path, "call-1")
+    check_storage_marker(tmp_path, "call-1")
