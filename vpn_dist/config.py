@@ -266,9 +266,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     else:
         need(v.C is not None and math.isfinite(v.C) and v.C > 0, "vpn.C", f"a number > 0 with vpn.bound={v.bound}", v.C)
     need(0 < v.random_fraction <= 1, "vpn.random_fraction", "a fraction in (0, 1]", v.random_fraction)
-    need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
-    need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
-    need(t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size)
+    # upper bounds: values past them are typos that would otherwise run for ever or exhaust memory
+    need(1 <= t.epochs <= 100_000, "train.epochs", "an integer in 1..100000", t.epochs)
+    need(1 <= t.batch_size <= 2**20, "train.batch_size", "an integer in 1..1048576", t.batch_size)
+    need(1 <= t.eval_batch_size <= 2**20, "train.eval_batch_size", "an integer in 1..1048576", t.eval_batch_size)
     need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
@@ -289,9 +290,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if v.mode == "generator-only":
         need(bool(t.init_from), "train.init_from", "the run dir of a trained base model (--init-from RUN_DIR)", t.init_from)
     need(1 <= cfg.data.num_workers <= 1024, "data.num_workers", "an integer in 1..1024", cfg.data.num_workers)
-    need(d.workers >= 0, "dist.workers", "an integer >= 0 (0 runs in this process)", d.workers)
-    need(0 < d.gpus_per_worker <= 1 or float(d.gpus_per_worker).is_integer(), "dist.gpus_per_worker",
-         "a fraction in (0, 1] or a whole number of GPUs", d.gpus_per_worker)
-    need(d.cpus_per_worker >= 1, "dist.cpus_per_worker", "an integer >= 1", d.cpus_per_worker)
+    need(0 <= d.workers <= 4096, "dist.workers", "an integer in 0..4096 (0 runs in this process)", d.workers)
+    need(0 < d.gpus_per_worker <= 1 or (float(d.gpus_per_worker).is_integer() and d.gpus_per_worker <= 64),
+         "dist.gpus_per_worker", "a fraction in (0, 1] or a whole number of GPUs up to 64", d.gpus_per_worker)
+    need(1 <= d.cpus_per_worker <= 1024, "dist.cpus_per_worker", "an integer in 1..1024", d.cpus_per_worker)
     need(not (d.gpu and t.device == "cpu"), "dist.gpu", "false when train.device is cpu", d.gpu)
     return cfg
