@@ -150,8 +150,8 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is not None and not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return from_dict(_flatten(data or {}), base)
@@ -270,6 +270,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(1 <= t.epochs <= 100_000, "train.epochs", "an integer in 1..100000", t.epochs)
     need(1 <= t.batch_size <= 2**20, "train.batch_size", "an integer in 1..1048576", t.batch_size)
     need(1 <= t.eval_batch_size <= 2**20, "train.eval_batch_size", "an integer in 1..1048576", t.eval_batch_size)
+    need(0 <= t.seed < 2**32, "train.seed", "an integer in 0..4294967295", t.seed)
     need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
     need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
