@@ -39,11 +39,12 @@ def test_step_flops_match_a_count_by_hand():
 
 def test_roofline_bench_prints_peak_and_fractions(capsys):
     assert main(["bench", "roofline", "--shape", "1x8x8", "--classes", "3", "--base", "sr", "--generator", "dnn3",
-                 "--batch-size", "16", "--eval-batch-size", "16", "--steps", "1", "--device", "cpu"]) == 0
+                 "--batch-size", "16", "--eval-batch-size", "16", "--steps", "1", "--device", "cpu",
+                 "--amp", "off"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("device: CPU") and re.search(r"GEMM [\d,]+ GFLOP/s, 3x3 conv [\d,]+ GFLOP/s", out)
     fractions = re.findall(r"\| (\d+)% \|", out)
-    assert len(fractions) == 4 and all(0 < int(f) < 200 for f in fractions), out
+    assert len(fractions) == 4 and all(0 <= int(f) < 200 for f in fractions), out  # a tiny model: a few % of peak
 
 
 def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):

@@ -50,7 +50,7 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.classes < 2:
             raise UserError(f"--classes {args.classes} must be >= 2")
-        shape = _shape(args.shape)
+        shape = parse_shape(args.shape)
         base, generator, x, y, k_all, gamma = toy_run(shape, args.classes, args.base, args.generator,
                                                       args.toy_steps, args.images, args.toy_spread)
         source = (f"toy: {args.classes} Gaussian clusters {args.shape} (spread {args.toy_spread}), {args.base} base, "

@@ -87,17 +87,13 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
 
 
 def run(args: argparse.Namespace) -> int:
+    from vpn_dist.benchmarks.evaluation import parse_shape
     from vpn_dist.config import RunConfig, paper_gamma
     from vpn_dist.method import alg2_predict
     from vpn_dist.models import build_base, build_generator
     from vpn_dist.train import autocast_for, make_optimizer, resolve_amp, step_loss
 
-    try:
-        shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"--shape {args.shape!r}: give CxHxW, e.g. 3x32x32")
+    shape = parse_shape(args.shape)
     if args.classes < 2 or args.batch_size < 1 or args.eval_batch_size < 1 or args.steps < 1:
         raise UserError("--classes must be >= 2, and --batch-size, --eval-batch-size, --steps >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
