@@ -14,8 +14,6 @@ that learned something. Times are medians over --repeats.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -41,13 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls after one warm-up (the roofline benchmark's timer, on the CPU)."""
+    from vpn_dist.benchmarks.roofline import median_time
+
+    return median_time(fn, torch.device("cpu"), repeats, warmup=1)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -41,7 +41,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
+def median_time(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -73,7 +73,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     gemm = 0.0
     for n in (1024, 2048, 4096 if device.type == "cuda" else 1536):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        gemm = max(gemm, 2 * n**3 / _median_time(lambda: a @ b, device, steps=5, warmup=2))
+        gemm = max(gemm, 2 * n**3 / median_time(lambda: a @ b, device, steps=5, warmup=2))
     conv = 0.0
     for memory_format in (torch.contiguous_format, torch.channels_last):
         for channels, size, batch in ((64, 32, 128), (128, 16, 256), (256, 8, 256), (512, 4, 256)):
@@ -82,7 +82,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
             x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=memory_format)
             flops = 2 * batch * channels * channels * 9 * size * size
             with torch.no_grad():
-                conv = max(conv, flops / _median_time(lambda: layer(x), device, steps=3, warmup=1))
+                conv = max(conv, flops / median_time(lambda: layer(x), device, steps=3, warmup=1))
     return gemm, conv
 
 
@@ -148,13 +148,13 @@ def run(args: argparse.Namespace) -> int:
     for m in models:
         m.train()
     step_mm, step_conv = count_flops(lambda: forward_backward(base, generator))  # eager: the counter's hooks
-    step_s = _median_time(train_step, device, args.steps)
-    looped_s = _median_time(lambda: train_step(looped), device, args.steps)
-    fwd_bwd_s = _median_time(forward_backward, device, args.steps)
+    step_s = median_time(train_step, device, args.steps)
+    looped_s = median_time(lambda: train_step(looped), device, args.steps)
+    fwd_bwd_s = median_time(forward_backward, device, args.steps)
     for m in models:
         m.eval()
     eval_mm, eval_conv = count_flops(eval_pass)
-    eval_s = _median_time(eval_pass, device, max(3, args.steps // 4))
+    eval_s = median_time(eval_pass, device, max(3, args.steps // 4))
     gemm_peak, conv_peak = measure_peaks(device, dtype)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else (
