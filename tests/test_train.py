@@ -47,6 +47,27 @@ def test_run_directory_layout_and_metrics(joint_run):
     assert "gamma: 0.0025" in resolved, "the paper's gamma = 0.01/K is resolved into config.yaml (K = 4)"
 
 
+def test_per_epoch_curves_read_a_subset_sized_to_a_tenth_of_the_epochs_training(joint_run, synthetic_dir):
+    from vpn_dist.config import apply_overrides, from_dict
+    from vpn_dist.data import read_meta
+    from vpn_dist.evaluate import epoch_eval_images
+
+    meta = {"num_classes": 4, "splits": {"train": 3500, "val": 500, "test": 1000}}
+    sized = lambda *sets, world=1, m=meta: epoch_eval_images(apply_overrides(from_dict({}), list(sets)), m, world)
+    assert sized() == 105  # 0.1 * 3 passes * 3500 images / ((K + 1) passes * 2 splits)
+    assert sized("model.generator=none") == 500  # one pass per image: capped
+    assert sized(world=2) == 100  # half the training per worker: floored
+    assert sized("train.epoch_eval_images=0") == 0 and sized("train.epoch_eval_images=300") == 300
+    big = {"num_classes": 200, "splits": {"train": 100000, "val": 10000, "test": 10000}}
+    assert sized(m=big) == 100 and sized("train.alg2_top_k=2", m=big) == 500  # top-k: h(x) and k hypotheses
+
+    out, metrics = joint_run
+    first_epoch, last_epoch = metrics["history"]
+    expected = epoch_eval_images(from_dict({"model.generator": "dnn3"}), read_meta(synthetic_dir), 1)
+    assert first_epoch["eval_images"] == expected < read_meta(synthetic_dir)["splits"]["test"]
+    assert last_epoch["eval_images"] == "all"
+
+
 def test_eval_recomputes_the_test_metrics(joint_run):
     out, metrics = joint_run
     assert main(["eval", "--run", str(out)]) == 0

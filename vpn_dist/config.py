@@ -64,7 +64,7 @@ class TrainConfig:
     momentum: float = setting(0.9, "sgd only; 0 is plain SGD")
     weight_decay: float = setting(5e-4, "L2, on every parameter (base and generator), as the authors'")
     lr_schedule: str = setting("cosine", "cosine over train.epochs, stepped per epoch (as the authors'), or constant")
-    amp: str = setting("auto", "auto: bf16 on GPUs that support it, off on CPUs (where bf16 is slower); "
+    amp: str = setting("auto", "auto: bf16 on GPUs that support it, and on CPUs where a probe finds it faster; "
                                "or off, bf16, fp16 (GPU, with a gradient scaler)")
     channels_last: bool = setting(False, "memory format of models and batches (faster convolutions on GPUs: ResNets)")
     compile: bool = setting(False, "torch.compile the training step's models (GPU; on CPU it needs a C++ compiler and "
@@ -72,8 +72,9 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda")
     seed: int = setting(0, "model init, data order and noise (reseeded per epoch and rank: resumes replay exactly)")
     eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")
-    epoch_eval_images: int = setting(500, "per-epoch curves use this fixed random subset of each split (0: all); "
-                                          "the last epoch always evaluates every image by both rules")
+    epoch_eval_images: int | None = setting(None, "per-epoch curves use a fixed random subset of this many images "
+                                                  "per split (0: all; null: sized to about a tenth of the epoch's "
+                                                  "training cost, 100..500); the last epoch evaluates every image")
     alg2_top_k: int = setting(0, "0: exact Algorithm 2 (all K classes); k > 0: approximate, scoring only the k classes "
                                  "most probable under h(x) (README, Benchmarks: agreement and rows saved)")
     log_every: int = setting(10, "steps between per-step TensorBoard points")
@@ -275,7 +276,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
     need(t.alg2_top_k >= 0, "train.alg2_top_k", "an integer >= 0 (0: exact Algorithm 2)", t.alg2_top_k)
-    need(t.epoch_eval_images >= 0, "train.epoch_eval_images", "an integer >= 0 (0: every image)", t.epoch_eval_images)
+    need(t.epoch_eval_images is None or t.epoch_eval_images >= 0, "train.epoch_eval_images",
+         "an integer >= 0 (0: every image) or null (sized to the epoch)", t.epoch_eval_images)
     need(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", t.lr_schedule)
     need(t.amp in AMP_MODES, "train.amp", f"one of {', '.join(AMP_MODES)}", t.amp)

@@ -13,6 +13,21 @@ from vpn_dist.method import alg2_predict, bound_sigma, condition, predict_no_noi
 SUBSET_SEED = 0  # one fixed subset per split, the same in every run, so curves compare across runs
 
 
+def epoch_eval_images(cfg, meta: dict[str, Any], world_size: int) -> int:
+    """Images per split for the per-epoch curves: train.epoch_eval_images, or when it is null a subset that keeps
+    them near a tenth of the epoch's training cost. Rank 0 evaluates while the workers share the training; an
+    evaluated image runs the networks forward about K + 1 times (Algorithm 2's K hypotheses, and sigma), a trained
+    one about 3 times (forward and backward). 100 images per split at least (curves, not noise), 500 at most."""
+    if cfg.train.epoch_eval_images is not None:
+        return cfg.train.epoch_eval_images
+    splits = 2 if meta["splits"].get("val") else 1
+    passes = meta["num_classes"] + 1 if cfg.model.generator != "none" else 1
+    if cfg.train.alg2_top_k:
+        passes = min(passes, cfg.train.alg2_top_k + 2)  # h(x), then k hypotheses
+    affordable = 0.1 * 3 * meta["splits"]["train"] / world_size / (passes * splits)
+    return int(min(500, max(100, affordable)))
+
+
 def eval_loaders(cfg, meta: dict[str, Any], device: torch.device, images: int = 0) -> dict:
     """Loaders over the val (when prepared) and test splits, in file order; `images` > 0 keeps a fixed random
     subset of that many images per split (a random one: test sets stored class by class would otherwise give

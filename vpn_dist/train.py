@@ -27,7 +27,7 @@ from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, resolved_gamma
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError
-from vpn_dist.evaluate import eval_loaders, evaluate_splits
+from vpn_dist.evaluate import epoch_eval_images, eval_loaders, evaluate_splits
 from vpn_dist.method import generate_sigma, random_pixel_noise, sample_noise, vpn_loss
 from vpn_dist.models import build_base, build_generator
 from vpn_dist.observe import RunLog, write_json_atomic
@@ -260,7 +260,8 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
                            distributed=worker.world_size > 1, augment=cfg.data.augment, **loader_args)
     epoch_eval, final_eval = ({}, {}) if worker.rank != 0 else (
-        eval_loaders(cfg, meta, device, images=cfg.train.epoch_eval_images), eval_loaders(cfg, meta, device))
+        eval_loaders(cfg, meta, device, images=epoch_eval_images(cfg, meta, worker.world_size)),
+        eval_loaders(cfg, meta, device))
     if worker.rank == 0:
         record_attempt(run_dir, invocation, resumed=state is not None, start_epoch=start_epoch,
                        world_size=worker.world_size)
@@ -356,7 +357,7 @@ def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
         metrics.update(evaluate_splits(run.base, run.generator, run.final_eval if last else run.epoch_eval,
                                        num_classes=run.meta["num_classes"], gamma=run.gamma, bound=cfg.vpn.bound,
                                        C=cfg.vpn.C, autocast=run.autocast, top_k=cfg.train.alg2_top_k))
-        metrics["eval_images"] = "all" if last or not cfg.train.epoch_eval_images else cfg.train.epoch_eval_images
+        metrics["eval_images"] = "all" if last else run.epoch_eval["test"].num_samples  # per split
         if run.generator is not None and (last or epoch % cfg.train.figure_every == 0):
             run.log.figure(epoch, *_figure_inputs(run.generator, run.final_eval["test"], run.gamma, cfg.vpn.bound,
                                                   cfg.vpn.C))

@@ -183,7 +183,9 @@ def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
               "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed,
               # fp32, the paper's precision, on every machine, so a grid's results do not depend on where each run
               # lands (amp=auto picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
-              "train.amp": "off"}
+              "train.amp": "off",
+              # Figure 2's curves from the same 500 images per split in every grid (null sizes it to the set)
+              "train.epoch_eval_images": 500}
     if run.data in BATCH_SIZE:
         values["train.batch_size"] = BATCH_SIZE[run.data]
     if run.mode == "generator-only":
