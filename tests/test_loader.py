@@ -58,6 +58,18 @@ def test_sequential_when_not_training(indexed):
     assert seen(loader) == list(range(N)) and seen(loader) == list(range(N))
 
 
+def test_loading_keeps_the_trainers_torch_thread_count(indexed):
+    """ffcv sets torch's threads to its num_workers; a 1-CPU Ray worker must keep its one thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loader = Loader(indexed, "train", batch_size=4, train=True, num_workers=2)
+        assert torch.get_num_threads() == 1
+        assert seen(loader) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_train_order_reshuffles_per_epoch_and_resumes(indexed):
     loader = Loader(indexed, "train", batch_size=10, train=True, seed=7)
     epoch0, epoch1 = seen(loader), seen(loader)

@@ -7,6 +7,7 @@ which is all a resumed run needs.  uint8 pixels travel to the device and become 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -152,6 +153,18 @@ def check_beton(path: Path, meta: dict, split: str) -> None:
                         f"file); {redo}")
 
 
+@contextlib.contextmanager
+def keep_torch_threads():
+    """ffcv sets torch's thread count to its num_workers whenever a loader is built or iterated. Keep the
+    trainer's: a Ray worker reserves dist.cpus_per_worker CPUs, and two torch threads on one reserved CPU ran
+    every 1-CPU trial of a grid at a fraction of its speed (half its CPU time in an OpenMP thread)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Loader:
     """Wraps `ffcv.loader.Loader` over `<data_dir>/<split>.beton`."""
 
@@ -182,11 +195,12 @@ class Loader:
         pipelines = {"image": image + to_device, "label": [IntDecoder(), ToTensor()] + to_device}
         if self.meta.get("has_mask"):  # None disables the field: no decoding when the trainer doesn't ask
             pipelines["mask"] = [NDArrayDecoder(), ToTensor()] + to_device if with_mask else None
-        self._loader = FFCVLoader(
-            str(Path(data_dir) / f"{split}.beton"), batch_size=batch_size, num_workers=num_workers,
-            os_cache=os_cache, order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-            distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
-            indices=None if indices is None else np.asarray(indices))
+        with keep_torch_threads():
+            self._loader = FFCVLoader(
+                str(Path(data_dir) / f"{split}.beton"), batch_size=batch_size, num_workers=num_workers,
+                os_cache=os_cache, order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                indices=None if indices is None else np.asarray(indices))
         order = len(self._loader.first_traversal_order)
         self.num_samples = min(order, len(self._loader) * batch_size)
 
@@ -202,7 +216,8 @@ class Loader:
         if self.augment:
             gen = torch.Generator(device=self.device)
             gen.manual_seed((self.seed * 1_000_003 + epoch * 1_009 + self.rank) % (1 << 62))
-        epoch_iter = iter(self._loader)
+        with keep_torch_threads():
+            epoch_iter = iter(self._loader)
         try:
             for batch in epoch_iter:
                 # ffcv reuses its batch buffers: every yielded tensor is a fresh one.
