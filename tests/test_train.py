@@ -97,6 +97,18 @@ def test_generator_only_refuses_a_base_of_another_architecture(synthetic_dir, tm
     assert rc == 2 and "dnn3" in capsys.readouterr().err
 
 
+def test_generator_only_refuses_a_base_that_stopped_early(synthetic_dir, tmp_path, cli):
+    stopped = tmp_path / "stopped"
+    crashed = cli("train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
+                  "--epochs", "2", *FAST, "--out", str(stopped), "--set", "train.fault=0:1:2", check=False)
+    assert crashed.returncode != 0 and latest_checkpoint(stopped).name == "epoch_0001"
+    refused = cli("train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "dnn3", "--mode",
+                  "generator-only", "--init-from", str(stopped), "--epochs", "1", "--out", str(tmp_path / "g"),
+                  check=False)
+    assert refused.returncode == 2 and "stopped at epoch 1 of 2" in refused.stderr
+    assert f"vpn-dist train --resume {stopped}" in refused.stderr and not (tmp_path / "g").exists()
+
+
 def test_random_mode_trains_and_reports_no_alg2(synthetic_dir, tmp_path):
     metrics = train(synthetic_dir, tmp_path / "random", mode="random", generator="none", base="sr")
     assert metrics["test_acc_alg2"] is None and metrics["test_acc_no_noise"] > 0.3

@@ -19,7 +19,7 @@ from vpn_dist.data import check_data
 from vpn_dist.errors import TrainingFailed, UserError
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
 from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.train import autocast_for, build_models, pick_device, train_loop
+from vpn_dist.train import autocast_for, build_models, pick_device, train_loop, trained_base
 
 
 def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None,
@@ -37,7 +37,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     if cfg.train.init_from:
         cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
         if cfg.vpn.mode == "generator-only":  # the trained base must be there before RUN_DIR is
-            ckpt.require_checkpoint(cfg.train.init_from)
+            trained_base(cfg)
     cfg.vpn.gamma = resolved_gamma(cfg, meta["num_classes"])  # the paper's gamma, written out in config.yaml
     if resume:
         done = ckpt.load_latest(run_dir, set_aside=True)

@@ -99,13 +99,22 @@ def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
     return base, generator
 
 
-def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
-    """generator-only (paper Table 2): the base comes trained from --init-from and stays fixed."""
+def trained_base(cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint generator-only starts from (paper Table 2): the last epoch of a finished run of this base."""
     trained = ckpt.load_checkpoint(ckpt.require_checkpoint(cfg.train.init_from))
+    planned = trained["config"]["train"]["epochs"]
+    if trained["epoch"] < planned:  # a base that stopped early would skew Table 2 silently
+        raise UserError(f"--init-from {cfg.train.init_from} stopped at epoch {trained['epoch']} of {planned}: "
+                        f"finish it first (`vpn-dist train --resume {cfg.train.init_from}`)")
     if trained["config"]["model"]["base"] != cfg.model.base:
         raise UserError(f"--init-from {cfg.train.init_from} holds base {trained['config']['model']['base']!r}, "
                         f"not {cfg.model.base!r}")
-    ckpt.restore_models(trained, base, where=f"--init-from {cfg.train.init_from}")
+    return trained
+
+
+def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
+    """generator-only: the base comes trained from --init-from and stays fixed."""
+    ckpt.restore_models(trained_base(cfg), base, where=f"--init-from {cfg.train.init_from}")
     base.requires_grad_(False)
 
 

@@ -90,13 +90,20 @@ def run(args: argparse.Namespace) -> int:
         train_resources["GPU"] = plan.gpus_per_trial
     trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
     with ray_session(num_cpus=plan.cpus_per_trial) if pending else contextlib.nullcontext():  # one Ray, all phases
-        for phase in filter(None, phases):
+        for phase in phases:
+            # generator-only trains on its seed's *finished* baseline; one whose baseline failed stays pending
+            phase = [r for r in phase
+                     if r.mode != "generator-only" or state.status(by_id[r.baseline().run_id]) == FINISHED]
+            if not phase:
+                continue
             trials = driver.run_trials(
                 trial, {"run_id": {"grid_search": [r.run_id for r in phase]}}, out, resume=False,
                 experiment=f"tune-{state.next_experiment()}", train_resources=train_resources,
                 max_concurrent=args.max_concurrent, callbacks=[state.callback()])
             for t in trials:  # a trial that died before any report still gets its row
                 state.record(by_id[t.config["run_id"]], t.status, report=False)
+            if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+                break  # interrupted (Ctrl-C): the whole grid stops, not just this phase
     state.save(report=True)
     unfinished = [r for r in runs if state.status(r) != FINISHED]
     if unfinished:
