@@ -63,3 +63,23 @@ def test_gpu_bench_script_lines_parse(line):
     argv = [a for a in shlex.split(line)[1:] if a != "$@"]
     args = build_parser().parse_args(["bench", "roofline", "--device", "cuda", *argv])
     assert args.base and args.shape
+
+
+def test_subnormal_bench_counts_them_and_times_both_settings(synthetic_dir, tmp_path, capsys):
+    from vpn_dist import checkpoint as ckpt
+    from vpn_dist.benchmarks.subnormal import subnormals
+
+    run = tmp_path / "adam"
+    assert main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
+                 "--epochs", "1", "--out", str(run), "--set", "train.optimizer=adam", "--set", "train.batch_size=64",
+                 "--set", "data.num_workers=1"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "subnormal", "--run", str(run), "--steps", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    moments = subnormals(v for s in ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["optimizer"]["state"].values()
+                         for v in s.values())
+    assert f"optimizer state {moments[0]:,} of {moments[1]:,}" in out
+    rates = re.findall(r"\| (?:IEEE subnormals|flushed to zero \(vpn-dist\)) \| ([\d,]+) \|", out)
+    assert len(rates) == 2 and all(int(r.replace(",", "")) > 0 for r in rates)
+    assert re.search(r"flushed / IEEE: \d+\.\d\dx", out)
+    assert (torch.tensor([1e-39]) * 2).item() > 0  # the bench leaves this thread's floats IEEE again

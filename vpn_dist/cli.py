@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vpn_dist.benchmarks import evaluation as bench_eval
     from vpn_dist.benchmarks import loader as bench_loader
     from vpn_dist.benchmarks import roofline as bench_roofline
+    from vpn_dist.benchmarks import subnormal as bench_subnormal
     from vpn_dist.benchmarks import training as bench_training
 
     parser = argparse.ArgumentParser(prog="vpn-dist", description=__doc__)
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "measured GEMM and conv peak (FLOPs by torch's flop counter)")
     bench_roofline.add_arguments(roofline)
     roofline.set_defaults(handler=bench_roofline.run)
+    subnormal = bench_sub.add_parser("subnormal", help="a run's training step from its checkpoint with IEEE subnormal "
+                                                       "floats vs flushed to zero (CPU)")
+    bench_subnormal.add_arguments(subnormal)
+    subnormal.set_defaults(handler=bench_subnormal.run)
     train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
     bench_training.add_train_arguments(train_bench)
     train_bench.set_defaults(handler=bench_training.run_train)
