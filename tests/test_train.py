@@ -223,3 +223,17 @@ def test_compiled_training_step_trains_as_the_eager_one(synthetic_dir, tmp_path)
 
     state = ckpt.load_checkpoint(ckpt.require_checkpoint(tmp_path / "compiled"))
     assert not any(k.startswith("_orig_mod") for k in [*state["base"], *state["generator"]])
+
+
+def test_figure4_panels_tile_image_noise_sigma_and_noisy_image():
+    from vpn_dist.observe import figure4_panels
+
+    x, sigma = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    eps = sigma * torch.randn_like(sigma)
+    panels = figure4_panels(x, eps, sigma)
+    assert panels.shape == (3, 4 * 10, 3 * 10)  # 4 rows x 3 images, each padded by a 1-pixel line
+    assert torch.allclose(panels[:, 1:9, 11:19], x[1])  # row 1: the images themselves
+    assert torch.allclose(panels[:, 31:39, 21:29], (x[2] + eps[2]).clamp(0, 1))  # row 4: image + noise
+    hottest = sigma.mean(dim=1)[0].argmax()  # row 3: sigma's largest pixel gets inferno's brightest colour
+    heat = panels[:, 21:29, 1:9].sum(dim=0).flatten()
+    assert heat.argmax() == hottest

@@ -220,6 +220,7 @@ class Run:
     history: list[dict[str, Any]]
     scaler_skipped: int
     global_step: int
+    figure_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # Figure 4's images, read once
 
 
 def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
@@ -373,8 +374,10 @@ def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
                                        C=cfg.vpn.C, autocast=run.autocast, top_k=cfg.train.alg2_top_k))
         metrics["eval_images"] = "all" if last else run.epoch_eval["test"].num_samples  # per split
         if run.generator is not None and (last or epoch % cfg.train.figure_every == 0):
-            run.log.figure(epoch, *_figure_inputs(run.generator, run.final_eval["test"], run.gamma, cfg.vpn.bound,
-                                                  cfg.vpn.C))
+            if run.figure_batch is None:  # the same images at every epoch, from a loader the curves already read
+                run.figure_batch = next(iter(run.epoch_eval["test"]))[:2]
+            run.log.figure(epoch, *_figure_inputs(run.generator, *run.figure_batch, run.gamma, cfg.vpn.bound,
+                                                  cfg.vpn.C), last=last)
         metrics["eval_time_s"] = time.perf_counter() - eval_start
     metrics["epoch_time_s"] = time.perf_counter() - epoch_start
     run.history.append(metrics)
@@ -403,8 +406,7 @@ def record_attempt(run_dir: Path, invocation: str | None, *, resumed: bool, star
                                    "master_addr": os.environ.get("MASTER_ADDR")}) + "\n")
 
 
-def _figure_inputs(generator: nn.Module, batches: Loader, gamma: float, bound: str, C: float | None):
-    x, y = next(iter(batches))[:2]
+def _figure_inputs(generator: nn.Module, x: torch.Tensor, y: torch.Tensor, gamma: float, bound: str, C: float | None):
     x, y = x[:FIGURE_IMAGES], y[:FIGURE_IMAGES]
     with torch.no_grad():
         was_training = generator.training
