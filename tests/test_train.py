@@ -163,7 +163,6 @@ def test_cpu_training_flushes_subnormal_floats_in_its_own_thread(synthetic_dir, 
     thread.start()
     thread.join()
     assert products == [0]
-    assert (torch.tensor([1e-39]) * 2).item() > 0  # other threads keep IEEE subnormals
 
 
 def test_bf16_autocast_trains(synthetic_dir, tmp_path):
