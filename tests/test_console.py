@@ -1,5 +1,5 @@
 """What a person sees: one line per epoch, progress within an epoch, and a clear stop when a worker cannot see
-RUN_DIR."""
+RUN_DIR or a node is lost."""
 import io
 import re
 import sys
@@ -9,6 +9,7 @@ import pytest
 from vpn_dist import observe
 from vpn_dist.cli import main
 from vpn_dist.errors import UserError
+from vpn_dist import launch
 from vpn_dist.launch import STORAGE_MARKER, check_storage_marker, write_storage_marker
 
 FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1", "--set", "train.optimizer=adam",
@@ -63,3 +64,55 @@ def test_a_worker_that_cannot_see_the_drivers_marker_stops_naming_node_and_path(
         check_storage_marker(tmp_path, "call-1")
     write_storage_marker(tmp_path, "call-1")
     check_storage_marker(tmp_path, "call-1")
+
+
+def _node(node_id: str, alive: bool, reason: int = 0, message: str = "") -> dict:
+    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": "10.0.3.7", "DeathReason": reason,
+            "DeathReasonMessage": message}
+
+
+def test_a_lost_node_is_named_once_ray_declares_it_dead(monkeypatch):
+    """Workers see a lost peer before Ray's health checks declare its node dead: the error waits for that verdict
+    and names the node by address and id; nodes dead before the run and nodes removed for being idle are not named."""
+    import ray
+
+    views = iter([[_node("old", False, 2), _node("idle", False, 4, "idle"), _node("lost", True)],  # still alive
+                  [_node("old", False, 2), _node("idle", False, 4, "idle"),
+                   _node("lost", False, 2, "health check failed due to missing too many heartbeats")]])
+    monkeypatch.setattr(ray, "nodes", lambda: next(views))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    assert launch._lost_nodes({"old"}, wait_s=60) == (
+        "node 10.0.3.7 (id lost) was lost: health check failed due to missing too many heartbeats; ")
+    monkeypatch.setattr(ray, "nodes", lambda: [_node("lost", True)])
+    assert launch._lost_nodes(set(), wait_s=0) == "", "no node lost: nothing named, no wait past wait_s"
+
+
+def test_a_failure_from_our_own_checks_needs_no_node_verdict():
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    def failed(*errors):
+        return WorkerGroupError("", {rank: UserExceptionWithTraceback(e, "traceback") for rank, e in enumerate(errors)})
+
+    assert launch._stopped_by_our_checks(failed(FloatingPointError("non-finite loss"), UserError("RUN_DIR")))
+    assert not launch._stopped_by_our_checks(failed(FloatingPointError("x"), RuntimeError("Connection closed by peer")))
+    assert not launch._stopped_by_our_checks(WorkerGroupError("", {}))
+
+
+def test_the_resume_hint_needs_a_checkpoint_that_reads_back_whole(tmp_path, capsys):
+    """A node lost while Ray Train copied a checkpoint into RUN_DIR leaves it cut short: no --resume suggested then
+    (the same command starts the run again); once a whole one is there, it is."""
+    import torch
+
+    from vpn_dist.checkpoint import STATE_FILE, STATE_KEYS, checkpoint_name, write_checkpoint
+
+    cut = tmp_path / "checkpoints" / checkpoint_name(1)
+    cut.mkdir(parents=True)
+    (cut / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
+    assert launch._resume_hint(tmp_path) == ""
+    assert "cannot be read" in capsys.readouterr().out  # said where the run stands
+    state = {key: {} for key in STATE_KEYS} | {"epoch": 2, "meta": {"shape": [3, 32, 32], "num_classes": 4},
+                                                "base": torch.nn.Linear(2, 2).state_dict()}
+    write_checkpoint(tmp_path / "checkpoints" / checkpoint_name(2), state)
+    assert launch._resume_hint(tmp_path) == (
+        f"\nits checkpoints are kept: continue with `vpn-dist train --resume {tmp_path}`")

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,15 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool =
                 logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )
+        dead_at_start = {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+        # a local Ray (no RAY_ADDRESS, one node: the driver's own) has no node to lose
+        cluster = bool(os.environ.get("RAY_ADDRESS")) or len(ray.nodes()) > 1
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as err:
-            hint = (f"\nits checkpoints are kept: continue with `vpn-dist train --resume {run_dir}`"
-                    if ckpt.latest_checkpoint(run_dir) else "")
-            raise TrainingFailed(f"the Ray Train run failed: {_worker_errors(err)}{hint}") from None
+            lost = _lost_nodes(dead_at_start) if cluster and not _stopped_by_our_checks(err) else ""
+            raise TrainingFailed(f"the Ray Train run failed: {lost}{_worker_errors(err)}{_resume_hint(run_dir)}") \
+                from None
 
 
 def train_on_ray_worker(config: dict[str, Any]) -> None:
@@ -174,6 +178,45 @@ def check_storage_marker(run_dir: Path, invocation: str) -> None:
         raise UserError(f"node {node} does not see the run directory the driver wrote: {path} {found}. "
                         f"RUN_DIR must be on storage every node mounts at the same path (NFS, a shared volume); "
                         f"see cluster/README.md")
+
+
+# Workers see a lost node at once (their gloo or NCCL peer's connection closes); Ray declares the node dead only
+# after its health checks fail (about 15 s with Ray's defaults), so a failed run waits up to this long for that verdict.
+NODE_LOSS_WAIT_S = 30.0
+
+
+def _lost_nodes(dead_at_start: set[str], wait_s: float = NODE_LOSS_WAIT_S) -> str:
+    """'node IP (id ID) was lost: why; ' for each node that died during the run (nodes that joined later too).
+    A node the autoscaler removed for being idle held no worker of the run, so it is not named."""
+    import ray
+    from ray.core.generated.common_pb2 import NodeDeathInfo
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = [node for node in ray.nodes() if not node["Alive"] and node["NodeID"] not in dead_at_start
+                and node.get("DeathReason") != NodeDeathInfo.AUTOSCALER_DRAIN_IDLE]
+        if lost or time.monotonic() >= deadline:
+            return "".join(f"node {node['NodeManagerAddress']} (id {node['NodeID']}) was lost"
+                           f"{': ' + node['DeathReasonMessage'] if node.get('DeathReasonMessage') else ''}; "
+                           for node in lost)
+        time.sleep(1)
+
+
+def _stopped_by_our_checks(err: Exception) -> bool:
+    """Every failed rank stopped in vpn-dist's own checks (a diverged loss, RUN_DIR not shared): no node was lost,
+    so the error needs no wait for Ray's verdict on nodes. Ray Train wraps what a worker raised (`_base_exc`)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    ours = (UserError, TrainingFailed, FloatingPointError)
+    return bool(failures) and all(isinstance(getattr(failure, "_base_exc", failure), ours)
+                                  for failure in failures.values())
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """How to continue, when a checkpoint reads back whole. Ray Train copies each checkpoint into RUN_DIR, so a node
+    lost during the copy leaves one cut short; with none whole, the same command starts the run again."""
+    if ckpt.load_latest(run_dir) is None:
+        return ""
+    return f"\nits checkpoints are kept: continue with `vpn-dist train --resume {run_dir}`"
 
 
 def _worker_errors(err: Exception) -> str:
