@@ -473,3 +473,35 @@ def test_ray_job_submit_checker_rejects_typos():
     pytest.importorskip("ray.dashboard.modules.job.cli")
     with pytest.raises(pytest.fail.Exception):
         _check_ray_submit(shlex.split("ray job submit --working-dirr . -- vpn-dist eval --run r"), "<test>")
+
+
+# --------------------------------------------------------------------------- ray start
+
+
+RAY_STARTS = [(src, argv) for src, argv in _all_commands("ray") if argv[1:2] == ["start"]]
+
+
+def _check_ray_start(argv: list[str], where: str):
+    click = pytest.importorskip("click")
+    from ray.scripts.scripts import start
+
+    try:
+        start.make_context("start", argv[2:])
+    except click.UsageError as err:
+        pytest.fail(f"{where}: invalid `ray start` options ({err}):\n  {shlex.join(argv)}")
+
+
+def test_ray_start_commands_were_found():
+    sources = {src for src, _ in RAY_STARTS}
+    assert "cluster/README.md" in sources, sources  # the head and the node that joins it
+    assert any("--head" in argv for _, argv in RAY_STARTS) and any("--address" in argv for _, argv in RAY_STARTS)
+
+
+@pytest.mark.parametrize("source,argv", RAY_STARTS, ids=[f"{s}#{i}" for i, (s, _) in enumerate(RAY_STARTS)])
+def test_ray_start_options(source, argv):
+    _check_ray_start(argv, source)
+
+
+def test_ray_start_checker_rejects_typos():
+    with pytest.raises(pytest.fail.Exception):
+        _check_ray_start(shlex.split("ray start --adress 10.0.3.2:6379"), "<test>")
