@@ -100,6 +100,14 @@ def stop_node(temp_dir: str, kill: bool = False) -> None:
         proc.kill()
 
 
+def remove_nodes(*temp_dirs: str | None) -> None:
+    """The end of a test's cluster: stop each node it started (joined nodes before the head) and remove its temp
+    dir."""
+    for temp_dir in filter(None, temp_dirs):
+        stop_node(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 LOOPBACK_ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
     # loopback only, as `vpn_dist.launch.ray_session` does for a local Ray: workers report 127.0.0.1
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo",
@@ -203,8 +211,7 @@ def test_ray_job_submit_runs_a_two_worker_job(synthetic_dir, tmp_path):
         assert metrics["attempts"][0]["master_addr"] == "127.0.0.1"
         assert list((out / "tb").rglob("events.out.tfevents.*"))
     finally:
-        stop_node(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_nodes(temp_dir)
 
 
 def test_a_worker_that_does_not_see_run_dir_stops_the_run_naming_node_and_path(synthetic_dir, tmp_path):
@@ -286,11 +293,7 @@ def test_ray_job_submit_on_two_nodes_puts_one_worker_on_each(synthetic_dir, tmp_
         assert (out / "checkpoints" / "epoch_0003" / "state.pt").is_file()
         assert list((out / "tb").rglob("events.out.tfevents.*"))
     finally:
-        if node_dir:
-            stop_node(node_dir)
-            shutil.rmtree(node_dir, ignore_errors=True)
-        stop_node(head_dir)
-        shutil.rmtree(head_dir, ignore_errors=True)
+        remove_nodes(node_dir, head_dir)
 
 
 @pytest.mark.slow
@@ -322,11 +325,7 @@ def test_a_run_outlives_a_lost_node_when_another_joins(synthetic_dir, tmp_path):
         assert (lost[0]["node_id"], "DEAD") in workers and len({node for node, _ in workers}) == 3, \
             f"the lost node, the head and the replacement each ran a worker: {workers}"
     finally:
-        for node_dir in node_dirs:
-            stop_node(node_dir)
-            shutil.rmtree(node_dir, ignore_errors=True)
-        stop_node(head_dir)
-        shutil.rmtree(head_dir, ignore_errors=True)
+        remove_nodes(*node_dirs, head_dir)
 
 
 @pytest.mark.slow
@@ -359,8 +358,4 @@ def test_a_lost_node_without_replacement_stops_the_run_naming_it_and_resume_fini
         assert metrics["epochs_completed"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
         assert metrics["resumed"] and metrics["resumed_from_epoch"] == done and metrics["worker_restarts"] == 0
     finally:
-        for node_dir in node_dirs:
-            stop_node(node_dir)
-            shutil.rmtree(node_dir, ignore_errors=True)
-        stop_node(head_dir)
-        shutil.rmtree(head_dir, ignore_errors=True)
+        remove_nodes(*node_dirs, head_dir)
