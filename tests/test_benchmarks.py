@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vpn_dist.benchmarks.roofline import count_flops
+from vpn_dist.benchmarks.roofline import RecordMatmuls, count_flops, matmul_replay
 from vpn_dist.cli import build_parser, main
 from vpn_dist.config import RunConfig
 from vpn_dist.models import build_base, build_generator
@@ -37,6 +37,30 @@ def test_step_flops_match_a_count_by_hand():
     assert conv == 0 and matmul == by_hand
 
 
+def test_recorded_matmuls_are_the_whole_step_and_replay_with_their_layouts():
+    """The breakdown's replay must be the step's matmuls: every one (their FLOPs sum to the flop counter's), with the
+    operands' shapes and strides (the backward multiplies transposed views)."""
+    shape, k = (1, 6, 6), 3
+    base, generator = build_base("dnn3", shape, k), build_generator("dnn3", shape)
+    x, y = torch.rand(8, *shape), torch.randint(0, k, (8,))
+
+    def forward_backward():
+        _, loss = step_loss(base, generator, x, y, RunConfig().vpn, 0.01)
+        loss.backward()
+
+    with RecordMatmuls() as recorded:
+        forward_backward()
+    flops = 0
+    for func, specs in recorded.calls:
+        (m, inner), (_, n) = (s[0] for s in specs[-2:])  # mm(a, b) and addmm(bias, a, b): the last two are a @ b
+        flops += 2 * m * inner * n
+    assert flops == count_flops(forward_backward)[0]
+    transposed = [s for _, specs in recorded.calls for s in specs[-2:] if s[1][0] < s[1][1]]
+    assert transposed  # weight gradients and the forward's W^T are column-major views
+    outputs = matmul_replay(recorded.calls, torch.device("cpu"))()
+    assert [tuple(o.shape) for o in outputs] == [(s[-2][0][0], s[-1][0][1]) for _, s in recorded.calls]
+
+
 def test_roofline_bench_prints_peak_and_fractions(capsys):
     assert main(["bench", "roofline", "--shape", "1x8x8", "--classes", "3", "--base", "sr", "--generator", "dnn3",
                  "--batch-size", "16", "--eval-batch-size", "16", "--steps", "1", "--device", "cpu",
@@ -45,6 +69,8 @@ def test_roofline_bench_prints_peak_and_fractions(capsys):
     assert out.startswith("device: CPU") and re.search(r"GEMM [\d,]+ GFLOP/s, 3x3 conv [\d,]+ GFLOP/s", out)
     fractions = re.findall(r"\| (\d+)% \|", out)
     assert len(fractions) == 4 and all(0 <= int(f) < 200 for f in fractions), out  # a tiny model: a few % of peak
+    assert re.search(r"its 11 matmuls, replayed alone .* take \d+% of it", out), out  # 4 Linears: forward, weight
+    # gradients, and input gradients but x's
 
 
 def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):

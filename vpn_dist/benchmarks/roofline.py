@@ -5,6 +5,10 @@ peak is measured on the spot at the run's dtype: a GEMM and a 3x3 convolution, e
 The roofline time of a workload is its matmul FLOPs at the GEMM peak plus its convolution FLOPs at the conv peak;
 the achieved fraction is that time over the measured one. Batches are in memory on the device (no loader), so the
 figures are the compute path's; `vpn-dist bench train` adds the loader. Times are medians over --steps.
+
+Where the rest goes: the step's own matmuls are recorded (shapes, strides, dtype) and replayed alone. Their time
+splits the gap to the roofline into matmuls slower at the step's shapes than the square-GEMM peak, and time spent
+outside matmuls (optimizer, elementwise ops, noise draws, Python).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpn_dist.errors import UserError
@@ -65,6 +70,37 @@ def count_flops(fn) -> tuple[float, float]:
         else:
             matmul += flops
     return matmul, conv
+
+
+MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+class RecordMatmuls(TorchDispatchMode):
+    """Records every matmul a call runs as (op, [(shape, stride, dtype) or value per argument]), below autograd and
+    autocast, so the backward's transposed operands and autocast's dtypes are what is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMUL_OPS:
+            self.calls.append((func, [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                      for a in args]))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_replay(calls, device: torch.device):
+    """A function that runs the recorded matmuls again, on random operands with the same shapes, strides and dtypes."""
+    def operand(spec):
+        if not isinstance(spec, tuple):
+            return spec
+        shape, stride, dtype = spec
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        return torch.randn(extent, device=device).to(dtype).as_strided(shape, stride)
+
+    replays = [(func, [operand(a) for a in specs]) for func, specs in calls]
+    return lambda: [func(*operands) for func, operands in replays]
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -148,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
     for m in models:
         m.train()
     step_mm, step_conv = count_flops(lambda: forward_backward(base, generator))  # eager: the counter's hooks
+    with RecordMatmuls() as recorded:
+        forward_backward(base, generator)
     step_s = median_time(train_step, device, args.steps)
+    matmuls_alone_s = median_time(matmul_replay(recorded.calls, device), device, args.steps)
     looped_s = median_time(lambda: train_step(looped), device, args.steps)
     fwd_bwd_s = median_time(forward_backward, device, args.steps)
     for m in models:
@@ -175,5 +214,9 @@ def run(args: argparse.Namespace) -> int:
               f"| {images / seconds:,.0f} | {(mm + cv) / seconds / 1e9:,.0f} | {roofline_s / seconds:.0%} |")
     print(f"optimizer share of the step: {1 - fwd_bwd_s / step_s:.0%} fused, {1 - fwd_bwd_s / looped_s:.0%} looped; "
           f"fused step {looped_s / step_s:.2f}x the looped one")
+    print(f"where the step's time goes: its {len(recorded.calls)} matmuls, replayed alone at their own shapes and "
+          f"layouts, take {matmuls_alone_s / step_s:.0%} of it and run at {step_mm / gemm_peak / matmuls_alone_s:.0%} "
+          f"of the GEMM peak; the other {max(0.0, 1 - matmuls_alone_s / step_s):.0%} is outside matmuls "
+          f"({'convolutions, ' if step_conv else ''}optimizer, elementwise ops, noise draws, Python)")
     return 0
 
