@@ -49,7 +49,8 @@ def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """`auto`: bf16 on GPUs that support it; on a CPU, bf16 only where a quick probe finds its matmuls faster than
-    fp32's (CPUs with AMX: 1.9x per DNN3/DNN3 step; without it bf16 autocast measured 0.64x; README, Benchmarks)."""
+    fp32's (DNN3/DNN3 step: 1.9x on a Xeon with AMX, 3.3x on a Zen 5 with AVX-512 BF16, but 0.64x on
+    issue 9's Xeon; README, Benchmarks)."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
