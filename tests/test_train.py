@@ -47,16 +47,17 @@ def test_run_directory_layout_and_metrics(joint_run):
     assert "gamma: 0.0025" in resolved, "the paper's gamma = 0.01/K is resolved into config.yaml (K = 4)"
 
 
-def test_per_epoch_curves_read_a_subset_sized_to_a_tenth_of_the_epochs_training(joint_run, synthetic_dir):
+def test_per_epoch_curves_read_a_subset_sized_to_a_twentieth_of_the_epochs_training(joint_run, synthetic_dir):
     from vpn_dist.config import apply_overrides, from_dict
     from vpn_dist.data import read_meta
     from vpn_dist.evaluate import epoch_eval_images
 
-    meta = {"num_classes": 4, "splits": {"train": 3500, "val": 500, "test": 1000}}
+    meta = {"num_classes": 10, "splits": {"train": 50000, "val": 10000, "test": 10000}}  # Fashion-MNIST
     sized = lambda *sets, world=1, m=meta: epoch_eval_images(apply_overrides(from_dict({}), list(sets)), m, world)
-    assert sized() == 105  # 0.1 * 3 passes * 3500 images / ((K + 1) passes * 2 splits)
+    assert sized() == 340  # 0.05 * 3 passes * 50000 images / ((K + 1) passes * 2 splits)
+    assert sized(world=2) == 170  # half the training per worker
     assert sized("model.generator=none") == 500  # one pass per image: capped
-    assert sized(world=2) == 100  # half the training per worker: floored
+    assert sized(m={"num_classes": 4, "splits": {"train": 3500, "val": 500, "test": 1000}}) == 100  # floored
     assert sized("train.epoch_eval_images=0") == 0 and sized("train.epoch_eval_images=300") == 300
     big = {"num_classes": 200, "splits": {"train": 100000, "val": 10000, "test": 10000}}
     assert sized(m=big) == 100 and sized("train.alg2_top_k=2", m=big) == 500  # top-k: h(x) and k hypotheses
