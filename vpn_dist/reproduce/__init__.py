@@ -10,8 +10,9 @@ OUT/curves.csv    per-epoch loss, train and test accuracy of every run (Figure 2
 OUT/report.md, OUT/figures/   the tables beside the paper's, with a paired t-test against the baseline
 
 A thin layer on the sweep driver: one trial per run, no early stopping, trials packed by the resources they
-reserve. Seeds run one after another, so an interrupted grid holds whole seeds; within a seed, Table 2's
-generator-only runs start from that seed's baselines, so they run after them.
+reserve. Two phases: every run but generator-only, seed by seed (trials start in that order, so an interrupted
+grid holds whole seeds of Table 1, and a seed with one run left does not idle the other trial slots), then Table 2's
+generator-only runs, which start from their seed's finished baseline.
 """
 from __future__ import annotations
 
@@ -80,11 +81,8 @@ def run(args: argparse.Namespace) -> int:
           f"results in {out}", flush=True)
     state = Results(out, plan, runs, previous)
     state.save()
-    phases = []  # seed by seed, generator-only after the baselines it starts from: whole seeds finish first
-    for seed in sorted({r.seed for r in pending}):
-        this_seed = [r for r in pending if r.seed == seed]
-        phases += [[r for r in this_seed if r.mode != "generator-only"],
-                   [r for r in this_seed if r.mode == "generator-only"]]
+    by_seed = sorted(pending, key=lambda r: r.seed)  # stable: the grid's order within a seed
+    phases = [[r for r in by_seed if r.mode != "generator-only"], [r for r in by_seed if r.mode == "generator-only"]]
     train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
     if plan.gpus_per_trial:
         train_resources["GPU"] = plan.gpus_per_trial
