@@ -8,7 +8,6 @@ stop at `run_trials`: what they test is the checking before it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -491,19 +490,12 @@ def existing(paths: list[Path]) -> set[Path]:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Sweeps and grids that pass every check stop where Ray would start."""
-    from vpn_dist import reproduce
     from vpn_dist.sweep import driver
 
     def accepted(*args, **kwargs):
         raise Accepted
 
-    @contextlib.contextmanager
-    def no_session(*args, **kwargs):
-        raise Accepted
-        yield
-
     monkeypatch.setattr(driver, "run_trials", accepted)
-    monkeypatch.setattr(reproduce, "ray_session", no_session)
 
 
 def run_variant(variant: Variant, valid: Valid, tmp: Path, capsys) -> None:

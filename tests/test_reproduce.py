@@ -212,6 +212,29 @@ def _runs_csv(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def test_grid_order_starts_a_generator_only_run_as_soon_as_its_baseline_finishes_and_never_after_a_failure():
+    from ray.tune.search import Searcher
+
+    from vpn_dist.sweep.driver import _in_order
+
+    # seed 0: baseline a, joint b, generator-only c (waits for a); seed 1: baseline d, generator-only e (waits for d)
+    search = _in_order(tuple({"run_id": name} for name in "abcde"), (set(), set(), {0}, set(), {3}))
+
+    def suggest(trial_id):  # the run a new trial starts, or None (wait) or FINISHED
+        params = search.suggest(trial_id)
+        return params["run_id"] if isinstance(params, dict) else params
+
+    assert [suggest("t1"), suggest("t2")] == ["a", "b"]  # two free slots
+    assert suggest("t3") == "d"  # c waits for a, so the next seed's baseline takes the slot
+    search.on_trial_complete("t1")  # a finished: c, before anything later in the order
+    assert suggest("t4") == "c"
+    search.on_trial_complete("t3", error=True)  # d failed: e never starts ...
+    assert suggest("t5") is None  # ... but b and c are still running
+    search.on_trial_complete("t2")
+    search.on_trial_complete("t4")
+    assert suggest("t6") == Searcher.FINISHED
+
+
 @pytest.mark.ray
 def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(synthetic_dir, tmp_path):
     out = tmp_path / "grid"

@@ -10,14 +10,12 @@ OUT/curves.csv    per-epoch loss, train and test accuracy of every run (Figure 2
 OUT/report.md, OUT/figures/   the tables beside the paper's, with a paired t-test against the baseline
 
 A thin layer on the sweep driver: one trial per run, no early stopping, trials packed by the resources they
-reserve. Two phases: every run but generator-only, seed by seed (trials start in that order, so an interrupted
-grid holds whole seeds of Table 1, and a seed with one run left does not idle the other trial slots), then Table 2's
-generator-only runs, which start from their seed's finished baseline.
+reserve. Trials start seed by seed (so an interrupted grid holds whole seeds); a generator-only run starts from its
+seed's finished baseline, so it waits for that one while the other slots take the next runs.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Any
 
 from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
-from vpn_dist.launch import ray_session
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
@@ -81,27 +78,23 @@ def run(args: argparse.Namespace) -> int:
           f"results in {out}", flush=True)
     state = Results(out, plan, runs, previous)
     state.save()
-    by_seed = sorted(pending, key=lambda r: r.seed)  # stable: the grid's order within a seed
-    phases = [[r for r in by_seed if r.mode != "generator-only"], [r for r in by_seed if r.mode == "generator-only"]]
+    # Seed by seed, in the grid's order; a generator-only run waits for its seed's baseline (when that runs too),
+    # and starts as soon as it has finished, so no slot idles while anything else could run.
+    order = sorted(pending, key=lambda r: (r.seed, r.mode == "generator-only"))
+    position = {r.run_id: i for i, r in enumerate(order)}
+    waits_for = [{position[r.baseline().run_id]} if r.mode == "generator-only" and r.baseline().run_id in position
+                 else set() for r in order]  # a baseline not in `order` has finished already
     train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
     if plan.gpus_per_trial:
         train_resources["GPU"] = plan.gpus_per_trial
-    trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
-    with ray_session(num_cpus=plan.cpus_per_trial) if pending else contextlib.nullcontext():  # one Ray, all phases
-        for phase in phases:
-            # generator-only trains on its seed's *finished* baseline; one whose baseline failed stays pending
-            phase = [r for r in phase
-                     if r.mode != "generator-only" or state.status(by_id[r.baseline().run_id]) == FINISHED]
-            if not phase:
-                continue
-            trials = driver.run_trials(
-                trial, {"run_id": {"grid_search": [r.run_id for r in phase]}}, out, resume=False,
-                experiment=f"tune-{state.next_experiment()}", train_resources=train_resources,
-                max_concurrent=args.max_concurrent, callbacks=[state.callback()])
-            for t in trials:  # a trial that died before any report still gets its row
-                state.record(by_id[t.config["run_id"]], t.status, report=False)
-            if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
-                break  # interrupted (Ctrl-C): the whole grid stops, not just this phase
+    if order:
+        trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
+        trials = driver.run_trials(
+            trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
+            train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
+            ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
+        for t in trials:  # a trial that died before any report still gets its row
+            state.record(by_id[t.config["run_id"]], t.status, report=False)
     state.save(report=True)
     unfinished = [r for r in runs if state.status(r) != FINISHED]
     if unfinished:

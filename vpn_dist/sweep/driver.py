@@ -22,7 +22,7 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
                train_resources: dict[str, float], max_concurrent: int | None = None,
                trial_resources: dict[str, float] | None = None, asha: dict[str, Any] | None = None,
                metric: str | None = None, num_samples: int = 1, experiment: str = "tune",
-               callbacks: list | None = None) -> list:
+               callbacks: list | None = None, ordered: list[tuple[dict[str, Any], set[int]]] | None = None) -> list:
     """Run `trial(params)` for every point of `param_space` (x num_samples) as the Tune experiment OUT/<experiment>,
     or continue the one there (`resume`: finished trials are not rerun, errored ones not retried). A failing trial
     is recorded and the others go on. Returns the trials as saved on disk (`tune.ExperimentAnalysis(...).trials`).
@@ -33,6 +33,8 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     asha: ASHAScheduler keyword arguments (early stopping on `metric`, maximized); None runs every trial to its end.
     callbacks: Tune callbacks (e.g. to record each trial as it ends); a restored experiment keeps the pickled
       ones it started with.
+    ordered: instead of `param_space`, each trial's params in the order to start them, with the indices of the
+      trials it waits for (see `_in_order`).
     """
     from vpn_dist.launch import ray_session
 
@@ -52,10 +54,12 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
                                        restart_errored=False)
         else:
             concurrent = max_concurrent or default_concurrency(ray.cluster_resources(), train_resources)
+            search_alg = _in_order(*zip(*ordered)) if ordered else None
+            num_samples = len(ordered) if ordered else num_samples
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=metric, mode="max" if metric else None, num_samples=num_samples,
-                                            scheduler=ASHAScheduler(**asha) if asha else None,
+                                            search_alg=search_alg, scheduler=ASHAScheduler(**asha) if asha else None,
                                             max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=experiment, storage_path=str(out), callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -66,6 +70,43 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
         # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
         # state keeps the unfinished ones PENDING (what resume runs).
         return list(tune.ExperimentAnalysis(str(state)).trials)
+
+
+def _in_order(points: tuple[dict[str, Any], ...], waits_for: tuple[set[int], ...]):
+    """A Tune searcher that proposes `points` in their order, each only once the points it waits for (indices into
+    `points`) have finished. A point never waits behind one that cannot start yet, so every free slot is used; one
+    whose prerequisite failed is never proposed, and the search ends when nothing left can start."""
+    from ray.tune.search import Searcher
+
+    class InOrder(Searcher):
+        def __init__(self):
+            super().__init__()
+            self.waiting = list(range(len(points)))
+            self.running: dict[str, int] = {}  # trial id -> point
+            self.finished: set[int] = set()
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            ready = next((i for i in self.waiting if waits_for[i] <= self.finished), None)
+            if ready is None:  # the rest wait for a running point, or for one that failed (then nothing will come)
+                return None if self.running else Searcher.FINISHED
+            self.waiting.remove(ready)
+            self.running[trial_id] = ready
+            return dict(points[ready])
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            point = self.running.pop(trial_id, None)
+            if point is not None and not error:
+                self.finished.add(point)
+
+        def save(self, checkpoint_path: str) -> None:  # Tune snapshots the searcher with the experiment
+            state = {"waiting": self.waiting, "running": self.running, "finished": sorted(self.finished)}
+            Path(checkpoint_path).write_text(json.dumps(state))
+
+        def restore(self, checkpoint_path: str) -> None:
+            state = json.loads(Path(checkpoint_path).read_text())
+            self.waiting, self.running, self.finished = state["waiting"], state["running"], set(state["finished"])
+
+    return InOrder()
 
 
 def default_concurrency(cluster: dict[str, float], train_resources: dict[str, float]) -> int:
