@@ -32,4 +32,6 @@ grid synthetic-adam --table 1 --modes baseline,joint --data "$DATA/syn" --seeds 
     "${ADAM[@]}"
 
 prep cifar10 "$SHARED/cifar10" "$DATA/c10" --val 10000
+# The optimizer fingerprint on a second data set: the baselines under the authors' Adam
+grid cifar10-adam-baselines --table 1 --modes baseline --data "$DATA/c10" --seeds 3 --bases sr,dnn3 "${ADAM[@]}"
 grid cifar10-sgd --table 1 --table 2 --data "$DATA/c10" --seeds 3 --bases sr,dnn3 --generators dnn3
