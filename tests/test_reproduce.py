@@ -195,7 +195,7 @@ def test_demo_prints_what_the_committed_grids_found(tmp_path, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "| dnn3  " in ln)
     d = 100 * (vpn_alg2 - base_acc)
     t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
-    assert line.startswith("| grid-a") and f"{d.mean():+6.2f} | {_t_two_sided_p(t, 2):>5.2g} | 3 |" in line
+    assert line.startswith("| grid-a") and f"{d.mean():+6.2f} | {_t_two_sided_p(t, 2):>7.2g} | 3 |" in line
 
 
 # ---------------------------------------------------------------- end to end on Ray

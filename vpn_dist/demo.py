@@ -63,12 +63,12 @@ def print_reproduction(root: Path) -> None:
                 if seeds:
                     p_text = "-" if p is None else f"{p:.2g}"
                     lines.append(f"| {runs_csv.parent.name:<18} | {key[0]:<5} | {key[2]:<4} | {name:<19} | "
-                                 f"{delta:+6.2f} | {p_text:>5} | {seeds} |")
+                                 f"{delta:+6.2f} | {p_text:>7} | {seeds} |")
     if lines:
         print(f"\nThe paper's 40-epoch settings, committed grids ({root.name}/*/report.md; README, 'Does VPN "
               "reproduce?'): test accuracy minus the same seeds' baseline, in points, with the paired t-test's p")
-        print("| grid               | table | base | row                 | delta  | p     | seeds |\n"
-              "|--------------------|-------|------|---------------------|--------|-------|-------|")
+        print("| grid               | table | base | row                 | delta  | p       | seeds |\n"
+              "|--------------------|-------|------|---------------------|--------|---------|-------|")
         print("\n".join(lines))
 
 
