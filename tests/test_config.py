@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vpn_dist.cli import main
-from vpn_dist.config import RunConfig, apply_overrides, config_keys, load_yaml, validate
+from vpn_dist.config import RunConfig, apply_overrides, config_keys, load_yaml, preset, validate
 from vpn_dist.errors import UserError
 
 GOOD = ["--base", "dnn3", "--generator", "dnn3", "--mode", "joint", "--epochs", "1"]
@@ -88,9 +88,44 @@ def test_every_shipped_config_is_valid(path):
     validate(cfg)
 
 
-def test_defaults_are_the_papers():
-    cfg = RunConfig()
-    assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.vpn.m, cfg.vpn.gamma) == (40, 1e-3, 256, 1, None)
+def test_the_paper_preset_is_the_papers_protocol_and_differs_from_the_defaults():
+    paper, defaults = preset("paper"), RunConfig()
+    t = paper.train
+    assert (t.epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay, t.lr_schedule, t.amp) == \
+        (40, 256, 1e-3, "sgd", 0.9, 5e-4, "cosine", "off")
+    assert (paper.vpn.m, paper.vpn.gamma, paper.vpn.bound, paper.vpn.C, paper.preset) == (1, None, "none", None, "paper")
+    # users' defaults: the authors' Adam switch, which trains on new data where their SGD at lr 1e-3 barely moves
+    d = defaults.train
+    assert (d.optimizer, d.lr, d.lr_schedule, d.weight_decay, d.amp, defaults.preset) == \
+        ("adam", 1e-3, "constant", 5e-4, "auto", None)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+                                        if p.name != "demo.yaml"), ids=lambda p: p.name)
+def test_every_paper_config_runs_the_paper_preset(path):
+    cfg, paper = load_yaml(path), preset("paper")
+    assert cfg.preset == "paper"
+    expected_batch = 128 if path.name.startswith("tiny-imagenet") else 256  # paper 4.1
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.lr_schedule, cfg.train.amp, cfg.train.epochs,
+            cfg.train.batch_size) == (paper.train.optimizer, paper.train.lr, paper.train.lr_schedule,
+                                      paper.train.amp, 40, expected_batch)
+
+
+def test_precedence_defaults_preset_file_flags_set(tmp_path):
+    from vpn_dist.launch import config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\n  epochs: 7\n")
+    cfg = config_from_args(str(path), {"train.epochs": 9}, ["train.momentum=0.5"], preset_name="paper")
+    # the preset under the file, the file under the flag, --set over all
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.epochs, cfg.train.momentum) == ("sgd", 0.01, 9, 0.5)
+    assert config_from_args(str(path), {}, []).train.optimizer == "adam"  # no preset: the defaults
+    path.write_text("preset: paper\ntrain:\n  epochs: 7\n")
+    assert (load_yaml(path).train.optimizer, load_yaml(path).train.epochs) == ("sgd", 7)
+    with pytest.raises(UserError, match="unknown preset 'fast'"):
+        preset("fast")
+    with pytest.raises(UserError, match="--resume keeps the run's settings"):
+        config_from_args(None, {}, [], base=RunConfig(), preset_name="paper")
 
 
 def test_set_keeps_strings_as_typed():
@@ -147,3 +182,24 @@ def test_readme_config_table_lists_every_key_with_its_default():
         value = as_value(table[key])
         assert value == f.default and isinstance(value, bool) == isinstance(f.default, bool), \
             f"README gives {key} the default {table[key]!r}, the config {f.default!r}"
+
+
+def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
+    import vpn_dist.config as config
+    from vpn_dist.reproduce.grid import Plan, Run, run_config
+
+    def odd_defaults() -> RunConfig:  # defaults a later change might pick
+        cfg = RunConfig.__new__(RunConfig)
+        cfg.__init__()
+        cfg.train.optimizer, cfg.train.lr, cfg.train.lr_schedule, cfg.train.amp = "adam", 0.5, "constant", "bf16"
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.momentum, cfg.vpn.m = 3, 32, 0.1, 4
+        return cfg
+
+    monkeypatch.setattr(config, "RunConfig", odd_defaults)
+    assert config.from_dict({}).train.lr == 0.5  # the patch reaches the defaults
+    plan = Plan(tables=[1], data={"fashion-mnist": "/data/fm"}, seeds=1, overrides=["train.weight_decay=0.001"])
+    cfg = run_config(plan, Run("fashion-mnist", "dnn3", "dnn3", "joint", 0, (1,)), Path("/runs"))
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.lr_schedule, t.amp, t.epochs, t.batch_size, t.momentum, cfg.vpn.m) == \
+        ("sgd", 1e-3, "cosine", "off", 40, 256, 0.9, 1)
+    assert t.weight_decay == 0.001  # the plan's --set still applies over the preset

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from vpn_dist.config import MODES
+from vpn_dist.config import MODES, PRESETS
 from vpn_dist.errors import TrainingFailed, UserError
 
 
@@ -17,6 +17,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, help="joint, generator-only, baseline or random (vpn.mode)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--out", help="run directory: config.yaml, metrics.json, checkpoints/, tb/")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="named settings under --config, flags and --set: paper "
+                                                            "(the paper's protocol: SGD, lr 1e-3, cosine, fp32)")
     p.add_argument("--config", help="a YAML run config (configs/*.yaml); flags and --set override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set vpn.m=4 --set train.amp=bf16 (repeatable)")
@@ -40,7 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError("--resume continues RUN_DIR in place; drop --out or give the same directory")
         flags["out"] = args.resume
     base = load_run(args.resume) if args.resume else None
-    cfg = config_from_args(args.config, flags, args.overrides, base)
+    cfg = config_from_args(args.config, flags, args.overrides, base, args.preset)
     final = train(cfg, resume=bool(args.resume), verbose=args.verbose)
     shown = {k: final[k] for k in ("test_acc_alg2", "test_acc_no_noise", "train_loss", "train_acc",
                                    "epochs_completed", "wall_time_s", "train_images_per_sec") if k in final}

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from vpn_dist import checkpoint as ckpt
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, resolved_gamma, save_yaml, validate
+from vpn_dist.config import (RunConfig, apply_overrides, from_dict, load_yaml, preset, resolved_gamma, save_yaml,
+                             validate)
 from vpn_dist.data import check_data
 from vpn_dist.errors import TrainingFailed, UserError
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
@@ -272,8 +273,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | 
 
 
 def config_from_args(config_file: str | None, flags: dict[str, Any], overrides: list[str],
-                     base: RunConfig | None = None) -> RunConfig:
-    """defaults < --config FILE < explicit flags < --set key=value."""
+                     base: RunConfig | None = None, preset_name: str | None = None) -> RunConfig:
+    """defaults < --preset < --config FILE < explicit flags < --set key=value (a resumed run's own config is the
+    base, and takes no preset)."""
+    if preset_name is not None:
+        if base is not None:
+            raise UserError("--resume keeps the run's settings: drop --preset")
+        base = preset(preset_name)
     cfg = load_yaml(config_file, base) if config_file else (base or RunConfig())
     cfg = from_dict({k: v for k, v in flags.items() if v is not None}, cfg)
     return apply_overrides(cfg, overrides)

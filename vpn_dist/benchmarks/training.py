@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vpn_dist.config import RunConfig, from_dict
+from vpn_dist.config import RunConfig, from_dict, preset
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,8 @@ def job(args: argparse.Namespace, data: str, out: Path, workers: int) -> RunConf
         "train.channels_last": args.channels_last, "train.eval_every": args.epochs, "train.figure_every": 10**6,
         "dist.workers": workers, "dist.cpus_per_worker": max(1, cores // per_worker),
         # every path gets the machine's cores: in-process torch threads, or split across Ray workers
-        "data.num_workers": max(1, cores // per_worker)})
+        "data.num_workers": max(1, cores // per_worker)},
+        preset("paper"))  # the optimizer whose figures the docs compare across machines and with the authors' code
 
 
 def throughput(metrics: dict) -> float:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, preset, validate
 from vpn_dist.data import check_data, read_meta
 from vpn_dist.errors import UserError
 
@@ -177,20 +177,19 @@ def grid(plan: Plan) -> list[Run]:
 
 
 def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
-    """The paper's settings (RunConfig's defaults, in fp32), the run's cell and seed, then the plan's --epochs/--set.
-    The run trains in runs_root/run_id."""
+    """The paper preset (in fp32 whatever RunConfig's defaults are), the run's cell and seed, then the plan's
+    --epochs/--set. The run trains in runs_root/run_id."""
     values = {"out": str(runs_root / run.run_id), "data.path": plan.data[run.data], "model.base": run.base,
               "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed,
-              # fp32, the paper's precision, on every machine, so a grid's results do not depend on where each run
-              # lands (amp=auto picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
-              "train.amp": "off",
               # Figure 2's curves from the same 500 images per split in every grid (null sizes it to the set)
               "train.epoch_eval_images": 500}
     if run.data in BATCH_SIZE:
         values["train.batch_size"] = BATCH_SIZE[run.data]
     if run.mode == "generator-only":
         values["train.init_from"] = str(runs_root / run.baseline().run_id)
-    cfg = apply_overrides(from_dict(values), plan.overrides)
+    # the preset's fp32 holds on every machine, so a grid's results do not depend on where each run lands (amp=auto
+    # picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
+    cfg = apply_overrides(from_dict(values, preset("paper")), plan.overrides)
     if plan.epochs:
         cfg.train.epochs = plan.epochs
     if plan.gpus_per_trial:
