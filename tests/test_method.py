@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vpn_dist.method import (alg2_predict, alg2_scores, bound_sigma, condition, generate_sigma,
-                             random_pixel_noise, sample_noise, vpn_loss)
+                             isotropic_noise, random_pixel_noise, sample_noise, vpn_loss)
 from vpn_dist.models import BASE_MODELS, build_base, build_generator
 
 SHAPE = (3, 16, 16)
@@ -212,3 +212,13 @@ def test_dnn3_generator_shares_its_first_layer_across_classes_exactly():
                           alg2_scores(base, plain, x, k, gamma, "none", None, e=e), atol=1e-5)
     assert torch.equal(alg2_predict(base, generator, x, k, gamma, "none", None, e=e),
                        alg2_predict(base, plain, x, k, gamma, "none", None, e=e))
+
+
+def test_isotropic_noise_has_the_asked_scale_on_every_pixel():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16)
+    noise = isotropic_noise(x, 0.05) - x
+    assert abs(float(noise.mean())) < 2e-3 and abs(float(noise.std()) - 0.05) < 1e-3
+    per_pixel = noise.std(dim=0)  # the same scale everywhere: no pixel is spared or favoured
+    assert float(per_pixel.min()) > 0.035 and float(per_pixel.max()) < 0.065
+    assert torch.equal(isotropic_noise(x, 0.0), x)

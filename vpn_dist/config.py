@@ -16,7 +16,7 @@ import yaml
 
 from vpn_dist.errors import UserError
 
-MODES = ("joint", "generator-only", "baseline", "random")
+MODES = ("joint", "generator-only", "baseline", "random", "isotropic")
 BOUNDS = ("none", "elementwise", "norm")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
@@ -45,13 +45,16 @@ class ModelConfig:
 
 @dataclass
 class VPNConfig:
-    mode: str = setting("joint", "joint, generator-only, baseline, random")
+    mode: str = setting("joint", "joint, generator-only, baseline, random, isotropic (a control: x + N(0, s^2 I) with "
+                                 "s = vpn.noise_std, training only)")
     gamma: float | None = setting(None, "conditioning x_hat = x + gamma * y; null: the paper's 0.01/K (paper_gamma)")
     m: int = setting(1, "noise draws per sample")
     bound: str = setting("none", "the variance bound ||Sigma|| <= C: none, elementwise (sigma <= C), "
                                  "norm (||sigma||_2 <= C per sample); a projection, gradients flow")
     C: float | None = setting(None, "the bound's C (null with bound none)")
     random_fraction: float = setting(0.1, "the `random` ablation: share of pixels that get N(0, 1)")
+    noise_std: float | None = setting(None, "the `isotropic` control's s: every pixel of every training image gets "
+                                            "N(0, s^2)")
 
 
 @dataclass
@@ -282,7 +285,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.base in BASE_MODELS or is_torchvision_classifier(m.base), "model.base",
          f"one of {', '.join(BASE_MODELS)} or a torchvision classification model name", m.base)
     need(m.generator in GENERATORS + ("none",), "model.generator", f"one of {', '.join(GENERATORS)}, none", m.generator)
-    if v.mode in ("baseline", "random"):
+    if v.mode in ("baseline", "random", "isotropic"):
         need(m.generator == "none", "model.generator",
              f"mode {v.mode} trains no generator: use --generator none", m.generator)
     else:
@@ -296,6 +299,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     else:
         need(v.C is not None and math.isfinite(v.C) and v.C > 0, "vpn.C", f"a number > 0 with vpn.bound={v.bound}", v.C)
     need(0 < v.random_fraction <= 1, "vpn.random_fraction", "a fraction in (0, 1]", v.random_fraction)
+    if v.mode == "isotropic":
+        need(v.noise_std is not None and math.isfinite(v.noise_std) and v.noise_std >= 0, "vpn.noise_std",
+             "a number >= 0 with vpn.mode=isotropic", v.noise_std)
+    else:
+        need(v.noise_std is None, "vpn.noise_std", "null unless vpn.mode is isotropic", v.noise_std)
     # upper bounds: values past them are typos that would otherwise run for ever or exhaust memory
     need(1 <= t.epochs <= 100_000, "train.epochs", "an integer in 1..100000", t.epochs)
     need(1 <= t.batch_size <= 2**20, "train.batch_size", "an integer in 1..1048576", t.batch_size)

@@ -58,6 +58,11 @@ def random_pixel_noise(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return x + mask.view(b, 1, h, w) * torch.randn_like(x)
 
 
+def isotropic_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """The isotropic control: x + N(0, std^2 I), the same scale on every pixel of every image (no generator)."""
+    return x + std * torch.randn_like(x)
+
+
 @torch.no_grad()
 def alg2_scores(base: nn.Module, generator: nn.Module, x: torch.Tensor, num_classes: int, gamma: float,
                 bound: str, C: float | None, e: torch.Tensor | None = None, max_rows: int = 8192,

@@ -28,7 +28,7 @@ from vpn_dist.config import RunConfig, resolved_gamma
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.errors import UserError
 from vpn_dist.evaluate import epoch_eval_images, eval_loaders, evaluate_splits
-from vpn_dist.method import generate_sigma, random_pixel_noise, sample_noise, vpn_loss
+from vpn_dist.method import generate_sigma, isotropic_noise, random_pixel_noise, sample_noise, vpn_loss
 from vpn_dist.models import build_base, build_generator
 from vpn_dist.observe import RunLog, write_json_atomic
 
@@ -348,6 +348,8 @@ def step_loss(base: nn.Module, generator: nn.Module | None, x: torch.Tensor, y: 
         inputs = x.repeat(vpn.m, 1, 1, 1) + eps  # the base model sees x + eps, m times
     elif vpn.mode == "random":
         inputs = random_pixel_noise(x, vpn.random_fraction)
+    elif vpn.mode == "isotropic":
+        inputs = isotropic_noise(x, vpn.noise_std)
     else:
         inputs = x
     logits = base(inputs)

@@ -39,8 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="OUT: runs/, runs.csv, curves.csv, report.md, figures/")
     p.add_argument("--bases", type=_names, help="comma-separated base models (default: the table's)")
     p.add_argument("--generators", type=_names, help="comma-separated generators: dnn3, resnet18 (default both)")
-    p.add_argument("--modes", type=_names, help="comma-separated rows' modes: baseline, random, joint, generator-only")
+    p.add_argument("--modes", type=_names, help="comma-separated rows' modes: baseline, random, joint, generator-only; "
+                                                "isotropic (a control in Table 1, with --sigma-from)")
     p.add_argument("--epochs", type=int, help="train.epochs of every run (default: the paper's 40)")
+    p.add_argument("--sigma-from", metavar="GRID_DIR",
+                   help="--modes isotropic: each seed's noise scale s is the mean sigma its joint run learned in this "
+                        "committed grid (its runs.csv)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config key for every run, e.g. --set train.optimizer=adam (repeatable)")
     p.add_argument("--max-concurrent", type=int, help="runs at once (default: what the cluster's CPUs or GPUs hold)")
@@ -203,7 +207,8 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
         data[label] = str(Path(raw).resolve())
     plan = Plan(tables=sorted(set(args.tables)), data=data, seeds=args.seeds, bases=args.bases,
                 generators=args.generators or ["dnn3", "resnet18"], modes=args.modes, epochs=args.epochs,
-                overrides=list(args.overrides), gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial)
+                overrides=list(args.overrides), gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+                sigma_from=args.sigma_from)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be at least 1")
     if args.cpus_per_trial < 1:
@@ -226,7 +231,8 @@ def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
         raise UserError(f"--resume: {saved} is not a reproduction plan ({err})") from None
     asked_and_saved = (("--table", sorted(set(args.tables)), plan.tables), ("--bases", args.bases, plan.bases),
                        ("--modes", args.modes, plan.modes), ("--generators", args.generators, plan.generators),
-                       ("--epochs", args.epochs, plan.epochs), ("--set", args.overrides, plan.overrides))
+                       ("--epochs", args.epochs, plan.epochs), ("--set", args.overrides, plan.overrides),
+                       ("--sigma-from", args.sigma_from, plan.sigma_from))
     changed = [flag for flag, asked, kept in asked_and_saved if asked and asked != kept]
     if changed:
         raise UserError(f"--resume keeps the grid's settings ({saved}); {', '.join(changed)} differ from them: drop "

@@ -25,10 +25,12 @@ class Table:
     modes: tuple[str, ...]  # the modes of its rows, in the paper's order
     datasets: tuple[str, ...]  # the paper's data sets (by `vpn-dist prep` source kind)
     bases: tuple[str, ...]
+    controls: tuple[str, ...] = ()  # rows the paper does not have, run only when --modes names them
 
 
 TABLES = {
-    1: Table(("baseline", "random", "joint"), ("fashion-mnist", "cifar10"), ("sr", "dnn3", "resnet18", "resnet34")),
+    1: Table(("baseline", "random", "joint"), ("fashion-mnist", "cifar10"), ("sr", "dnn3", "resnet18", "resnet34"),
+             controls=("isotropic",)),
     2: Table(("baseline", "generator-only"), ("fashion-mnist", "cifar10"), ("sr", "dnn3", "resnet18", "resnet34")),
     3: Table(("baseline", "random", "joint"), ("tiny-imagenet",), ("resnet18", "resnet34", "resnet50")),
 }
@@ -76,6 +78,8 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     gpus_per_trial: float = 0.0
     cpus_per_trial: int = 1
+    # the isotropic control's s, per seed: the learned mean sigma of that seed's joint run in this grid directory
+    sigma_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +97,8 @@ class Plan:
         parts.append(f"--generators {','.join(self.generators)}")
         if self.modes:
             parts.append(f"--modes {','.join(self.modes)}")
+        if self.sigma_from:
+            parts.append(f"--sigma-from {self.sigma_from}")
         if self.epochs:
             parts.append(f"--epochs {self.epochs}")
         parts += [f"--set {o}" for o in self.overrides] + [f"--out {out}"]
@@ -101,7 +107,8 @@ class Plan:
     def fingerprint(self) -> str:
         """What decides the runs' results (not where the data lives, nor how many seeds or what hardware):
         rows of another plan are never taken as finished."""
-        keyed = {k: v for k, v in self.to_dict().items() if k not in ("seeds", "gpus_per_trial", "cpus_per_trial")}
+        keyed = {k: v for k, v in self.to_dict().items() if k not in ("seeds", "gpus_per_trial", "cpus_per_trial")
+                 and not (k == "sigma_from" and v is None)}  # plans from before the control keep their rows
         keyed["data"] = sorted(self.data)
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -134,8 +141,8 @@ def check_plan(plan: Plan) -> None:
         if name not in GENERATORS:
             raise UserError(f"--generators: unknown generator {name!r}; use {', '.join(GENERATORS)}")
     for mode in plan.modes or []:  # each mode must be a row of some requested table
-        if not any(mode in TABLES[number].modes for number in plan.tables):
-            shown = "; ".join(f"Table {n}: {', '.join(TABLES[n].modes)}" for n in plan.tables)
+        if not any(mode in TABLES[number].modes + TABLES[number].controls for number in plan.tables):
+            shown = "; ".join(f"Table {n}: {', '.join(TABLES[n].modes + TABLES[n].controls)}" for n in plan.tables)
             raise UserError(f"--modes {mode}: {' and '.join(f'Table {n}' for n in plan.tables)} "
                             f"{'has' if len(plan.tables) == 1 else 'have'} no {mode} rows ({shown})")
     for number in plan.tables:
@@ -162,12 +169,13 @@ def grid(plan: Plan) -> list[Run]:
     for number in plan.tables:
         table = TABLES[number]
         modes = [m for m in table.modes if plan.modes is None or m in plan.modes]
+        modes += [m for m in table.controls if plan.modes and m in plan.modes]
         if "generator-only" in modes and "baseline" not in modes:
             modes.insert(0, "baseline")  # generator-only starts from the baseline's trained base
         for label in plan.data:
             for base in plan.bases or table.bases:
                 for mode in modes:
-                    generators = ["none"] if mode in ("baseline", "random") else plan.generators
+                    generators = ["none"] if mode in ("baseline", "random", "isotropic") else plan.generators
                     for generator in generators:
                         for seed in range(plan.seeds):
                             key = (label, base, generator, mode, seed)
@@ -187,6 +195,8 @@ def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
         values["train.batch_size"] = BATCH_SIZE[run.data]
     if run.mode == "generator-only":
         values["train.init_from"] = str(runs_root / run.baseline().run_id)
+    if run.mode == "isotropic":
+        values["vpn.noise_std"] = matched_sigma(plan, run)
     # the preset's fp32 holds on every machine, so a grid's results do not depend on where each run lands (amp=auto
     # picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
     cfg = apply_overrides(from_dict(values, preset("paper")), plan.overrides)
@@ -196,6 +206,27 @@ def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
         cfg.dist.gpu, cfg.dist.gpus_per_worker = True, plan.gpus_per_trial
     cfg.dist.workers, cfg.dist.cpus_per_worker = 1, plan.cpus_per_trial
     return validate(cfg)
+
+
+def matched_sigma(plan: Plan, run: Run) -> float:
+    """The isotropic control's s for this run: the mean sigma its seed's finished joint run learned (same data,
+    base and generator), from the runs.csv of the grid in plan.sigma_from."""
+    if not plan.sigma_from:
+        raise UserError("--modes isotropic: give --sigma-from GRID_DIR, a grid whose joint runs set each seed's noise "
+                        "scale")
+    if len(plan.generators) != 1:
+        raise UserError(f"--modes isotropic matches one generator's sigma: give --generators with one of "
+                        f"{', '.join(plan.generators)}")
+    runs_csv = Path(plan.sigma_from) / "runs.csv"
+    if not runs_csv.is_file():
+        raise UserError(f"--sigma-from {plan.sigma_from}: no runs.csv there")
+    with open(runs_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if (row["table"], row["data"], row["base"], row["generator"], row["mode"], row["seed"], row["status"]) == \
+                    ("1", run.data, run.base, plan.generators[0], "joint", str(run.seed), "finished"):
+                return float(row["sigma_mean"])
+    raise UserError(f"--sigma-from {plan.sigma_from}: no finished joint run of {run.data}, {run.base} base, "
+                    f"{plan.generators[0]} generator, seed {run.seed} in {runs_csv}")
 
 
 @lru_cache(maxsize=1)
