@@ -222,3 +222,26 @@ def test_isotropic_noise_has_the_asked_scale_on_every_pixel():
     per_pixel = noise.std(dim=0)  # the same scale everywhere: no pixel is spared or favoured
     assert float(per_pixel.min()) > 0.035 and float(per_pixel.max()) < 0.065
     assert torch.equal(isotropic_noise(x, 0.0), x)
+
+
+class _AbsOfInput(torch.nn.Module):
+    """sigma = |x_hat|: the label moves sigma by exactly gamma times the change of class index."""
+
+    def forward(self, x_hat):
+        return x_hat.abs()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.05])
+def test_sigma_label_change_measures_what_the_label_alone_moves(gamma):
+    from vpn_dist.evaluate import evaluate
+
+    torch.manual_seed(0)
+    k = 4
+    x, y = torch.rand(8, 1, 4, 4), torch.arange(8) % k
+    metrics = evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, k)), _AbsOfInput(), [(x, y)],
+                       num_classes=k, gamma=gamma, bound="none", C=None)
+    # next class: +1 step of the index, except the last class, which wraps to 0 (k - 1 steps down)
+    steps = torch.where(y == k - 1, k - 1, 1).float()
+    expected = float((gamma * steps.view(-1, 1, 1, 1).expand_as(x)).sum() / (x + gamma * y.view(-1, 1, 1, 1)).sum())
+    assert metrics["sigma_label_change"] == pytest.approx(expected, rel=1e-5)
+    assert (metrics["sigma_label_change"] == 0) == (gamma == 0)

@@ -88,14 +88,16 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
              bound: str, C: float | None, autocast: contextlib.AbstractContextManager | None = None,
              max_rows: int = 8192, top_k: int = 0) -> dict[str, float | None]:
     """Accuracy by Algorithm 2 (None without a generator; over the top_k classes of h(x) when top_k > 0) and with
-    no noise; sigma mean/max/at-bound;
-    sigma's background AUROC when the batches carry foreground masks (x, y, mask)."""
+    no noise; sigma mean/max/at-bound, the share of its variance across images, how much it moves when only the
+    label changes (to the next class: mean |sigma(x, y+1 mod K) - sigma(x, y)| over mean sigma(x, y)), and its
+    background AUROC when the batches carry foreground masks (x, y, mask)."""
     was_training = [(mod, mod.training) for mod in (base, generator) if mod is not None]
     for mod, _ in was_training:
         mod.eval()
     autocast = autocast or contextlib.nullcontext()
     n = correct_alg2 = correct_plain = 0
     sigma_sum, sigma_max, at_bound, sigma_count = 0.0, 0.0, 0.0, 0
+    label_change_sum = 0.0  # |sigma(x, another label) - sigma(x, y)|: what the label alone moves
     sigma_maps, backgrounds = [], []
     per_pixel_sum = per_pixel_sq = None  # sigma's moments per pixel across images (float64)
     for batch in batches:
@@ -107,10 +109,13 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
                                                   max_rows=max_rows, top_k=top_k) == y).sum())
                 raw = generator(condition(x, y, gamma)).float()
                 sigma = bound_sigma(raw, bound, C)
+                other_label = (y + 1) % num_classes
+                sigma_other = bound_sigma(generator(condition(x, other_label, gamma)).float(), bound, C)
         n += len(y)
         if generator is None:
             continue
         sigma_sum += float(sigma.sum())
+        label_change_sum += float((sigma_other - sigma).abs().sum())
         sigma_max = max(sigma_max, float(sigma.max()))
         sigma_count += sigma.numel()
         at_bound += _at_bound(raw, sigma, bound, C)
@@ -129,7 +134,9 @@ def evaluate(base: nn.Module, generator: nn.Module | None, batches: Iterable, *,
     if generator is not None:
         metrics.update(sigma_mean=sigma_sum / max(sigma_count, 1), sigma_max=sigma_max,
                        sigma_frac_at_bound=at_bound / max(n, 1),
-                       sigma_between_image_share=between_image_share(per_pixel_sum, per_pixel_sq, n))
+                       sigma_between_image_share=between_image_share(per_pixel_sum, per_pixel_sq, n),
+                       # 0: the label does not move sigma; 1: changing it moves sigma by its own mean size
+                       sigma_label_change=label_change_sum / sigma_sum if sigma_sum > 0 else 0.0)
         if sigma_maps:
             metrics["sigma_bg_auroc"] = background_auroc(torch.cat(sigma_maps), torch.cat(backgrounds))
     return metrics

@@ -457,7 +457,7 @@ def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> d
         "attempts": attempts,
     }
     for key in ("test_sigma_mean", "test_sigma_max", "test_sigma_frac_at_bound", "test_sigma_bg_auroc",
-                "test_sigma_between_image_share"):
+                "test_sigma_between_image_share", "test_sigma_label_change"):
         if key in latest_eval:
             summary[key.removeprefix("test_")] = latest_eval[key]
     summary["history"] = history
