@@ -2,7 +2,7 @@
 # Every grid under reproduction/, in priority order, each resumable: run it again after an interruption and it
 # continues from runs.csv (finished runs never rerun). Usage: reproduction/run-all.sh [DATA_DIR] [SHARED_DATASETS]
 # Environment: VPN (the vpn-dist command, default .venv/bin/vpn-dist), OUT (where the grids go, default reproduction).
-# On a cluster, submit the same `vpn-dist reproduce` lines with `ray job submit` (README, "Reproducing the paper").
+# On a cluster, submit the same `vpn-dist reproduce` lines with `ray job submit` (docs/reproduction.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-data}

@@ -1,4 +1,4 @@
-"""The public API gives what the README says, whatever was imported before."""
+"""The public API gives what docs/api.md says, whatever was imported before."""
 import subprocess
 import sys
 

@@ -1,4 +1,4 @@
-"""Static checks of the cluster deployment files in cluster/ (and every command in README.md).
+"""Static checks of the cluster deployment files in cluster/ (and every command in README.md and docs/*.md).
 
 Nothing here talks to a cluster. The tests
   * parse every YAML file (all documents) and the RayJob's embedded runtimeEnvYAML,
@@ -31,7 +31,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-EXTRA_DOCS = [REPO / "README.md"]  # every vpn-dist command the README shows
+# every vpn-dist command the README and the docs pages show
+EXTRA_DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ";;", "(", ")", "|&", ">", ">>", "<"}
 KNOWN_RUNTIME_ENV_KEYS = {
@@ -406,7 +407,9 @@ def test_commands_were_found():
     assert "train" in subcommands, VPN_COMMANDS
     assert "tune" in subcommands, VPN_COMMANDS
     sources = {src for src, _ in VPN_COMMANDS}
-    for must in ("cluster/kuberay/rayjob.yaml", "cluster/submit_examples.sh", "cluster/README.md"):
+    for must in ("cluster/kuberay/rayjob.yaml", "cluster/submit_examples.sh", "cluster/README.md", "README.md",
+                 "docs/data.md", "docs/training.md", "docs/config.md", "docs/sweeps.md", "docs/reproduction.md",
+                 "docs/benchmarks.md", "docs/cluster.md"):
         assert must in sources, f"no vpn-dist command found in {must}"
 
 

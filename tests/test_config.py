@@ -1,5 +1,5 @@
 """Every nonsense config value stops the CLI with a message naming the key, and a non-zero exit; every key is
-documented beside its field and in README's table."""
+documented beside its field and in docs/config.md's table."""
 import re
 from pathlib import Path
 
@@ -139,11 +139,15 @@ def test_every_config_key_has_its_doc_beside_it():
     assert not undocumented, f"give these fields metadata={{'doc': ...}} (config.setting): {undocumented}"
 
 
-def readme_config_table() -> dict[str, str]:
-    """README's "Config keys" table as key -> default text; a row may group keys: "`a`, `b` | 1, 2 | ..."."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Config keys"):]
-    section = section[:section.index("\n## ")]
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def docs_config_table() -> dict[str, str]:
+    """docs/config.md's "Config keys" table as key -> default text; a row may group keys: "`a`, `b` | 1, 2 | ..."."""
+    text = CONFIG_DOC.read_text()
+    section = text[text.index("\n## Config keys\n"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     table: dict[str, str] = {}
     for line in section.splitlines():
         if not line.startswith("| `"):
@@ -151,15 +155,15 @@ def readme_config_table() -> dict[str, str]:
         key_cell, default_cell = (cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:3])
         keys = re.findall(r"`([^`]+)`", key_cell)
         defaults = [d.strip() for d in default_cell.split(",")] if len(keys) > 1 else [default_cell]
-        assert len(keys) == len(defaults), f"README row lists {len(keys)} keys and {len(defaults)} defaults: {line}"
+        assert len(keys) == len(defaults), f"docs/config.md row lists {len(keys)} keys and {len(defaults)} defaults: {line}"
         for key, default in zip(keys, defaults):
-            assert key not in table, f"README lists {key} twice"
+            assert key not in table, f"docs/config.md lists {key} twice"
             table[key] = default
     return table
 
 
 def as_value(text: str):
-    """A README default as Python: YAML scalars (true, null, 256), floats YAML leaves as text (5e-4), "" for blank."""
+    """A documented default as Python: YAML scalars (true, null, 256), floats YAML leaves as text (5e-4), "" for blank."""
     if not text:
         return ""
     value = yaml.safe_load(text)
@@ -171,17 +175,17 @@ def as_value(text: str):
     return value
 
 
-def test_readme_config_table_lists_every_key_with_its_default():
-    table = readme_config_table()
+def test_docs_config_table_lists_every_key_with_its_default():
+    table = docs_config_table()
     keys = config_keys()
     missing = {key: f for key, f in keys.items() if key not in table}
-    assert not missing, "README's Config keys table lacks: " + "; ".join(
+    assert not missing, "docs/config.md's Config keys table lacks: " + "; ".join(
         f"`{key}` | {f.default} | {f.metadata['doc']}" for key, f in missing.items())
-    assert not set(table) - set(keys), f"README lists keys the config does not have: {set(table) - set(keys)}"
+    assert not set(table) - set(keys), f"docs/config.md lists keys the config does not have: {set(table) - set(keys)}"
     for key, f in keys.items():
         value = as_value(table[key])
         assert value == f.default and isinstance(value, bool) == isinstance(f.default, bool), \
-            f"README gives {key} the default {table[key]!r}, the config {f.default!r}"
+            f"docs/config.md gives {key} the default {table[key]!r}, the config {f.default!r}"
 
 
 def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):

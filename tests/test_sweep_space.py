@@ -56,3 +56,17 @@ def test_default_concurrency_counts_what_each_trials_workers_reserve():
     assert default_concurrency({"CPU": 16.0, "GPU": 1.0}, {"CPU": 1, "GPU": 0.1}) == 10  # (1 // 0.1 is 9.0)
     assert default_concurrency({"CPU": 8.0}, {"CPU": 3}) == 2
     assert default_concurrency({"CPU": 2.0, "GPU": 8.0}, {"CPU": 4, "GPU": 1}) == 1  # at least one
+
+
+def test_the_paper_space_sweeps_around_the_paper_preset_and_the_others_around_the_defaults():
+    from vpn_dist.sweep.space import load_space
+
+    datasets = {"syn": {"path": "/d", "num_classes": 4, "name": "s"}}
+    trial = {"data": "syn", "arch": ("dnn3", "dnn3"), "train.lr": 2e-3}
+    optimizers = {}
+    for name in ("paper", "smoke"):
+        space = load_space(name)
+        settings = SweepSettings(space=name, out="/o", datasets=datasets, fixed=space.fixed)
+        cfg = resolve_trial(trial, settings, "/o/trials/t")
+        optimizers[name] = (cfg.train.optimizer, cfg.train.lr_schedule, cfg.train.amp, cfg.train.lr)
+    assert optimizers == {"paper": ("sgd", "cosine", "off", 2e-3), "smoke": ("adam", "constant", "auto", 2e-3)}

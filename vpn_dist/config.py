@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def setting(default: Any, doc: str) -> Any:
-    """A config field with its documentation beside it (README's "Config keys" table must agree: tests check it)."""
+    """A config field with its documentation beside it (docs/config.md's key table must agree: tests check it)."""
     return field(default=default, metadata={"doc": doc})
 
 
@@ -82,7 +82,7 @@ class TrainConfig:
                                                   "per split (0: all; null: sized to about a tenth of the epoch's "
                                                   "training cost, 100..500); the last epoch evaluates every image")
     alg2_top_k: int = setting(0, "0: exact Algorithm 2 (all K classes); k > 0: approximate, scoring only the k classes "
-                                 "most probable under h(x) (README, Benchmarks: agreement and rows saved)")
+                                 "most probable under h(x) (docs/benchmarks.md: agreement and rows saved)")
     log_every: int = setting(10, "steps between per-step TensorBoard points")
     figure_every: int = setting(5, "epochs between Figure-4 panels")
     keep_checkpoints: int = setting(2, "checkpoints kept")

@@ -65,8 +65,8 @@ def print_reproduction(root: Path) -> None:
                     lines.append(f"| {runs_csv.parent.name:<18} | {key[0]:<5} | {key[2]:<4} | {name:<19} | "
                                  f"{delta:+6.2f} | {p_text:>7} | {seeds} |")
     if lines:
-        print(f"\nThe paper's 40-epoch settings, committed grids ({root.name}/*/report.md; README, 'Does VPN "
-              "reproduce?'): test accuracy minus the same seeds' baseline, in points, with the paired t-test's p")
+        print(f"\nThe paper's 40-epoch settings, committed grids ({root.name}/*/report.md; docs/reproduction.md): "
+              "test accuracy minus the same seeds' baseline, in points, with the paired t-test's p")
         print("| grid               | table | base | row                 | delta  | p       | seeds |\n"
               "|--------------------|-------|------|---------------------|--------|---------|-------|")
         print("\n".join(lines))

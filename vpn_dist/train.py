@@ -50,7 +50,7 @@ def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
 def resolve_amp(amp: str, device: torch.device) -> str:
     """`auto`: bf16 on GPUs that support it; on a CPU, bf16 only where a quick probe finds its matmuls faster than
     fp32's (DNN3/DNN3 step: 1.9x on a Xeon with AMX, 3.3x on a Zen 5 with AVX-512 BF16, but 0.64x on
-    issue 9's Xeon; README, Benchmarks)."""
+    issue 9's Xeon; docs/benchmarks.md)."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -122,7 +122,7 @@ def load_trained_base(cfg: RunConfig, base: nn.Module) -> None:
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
     t = cfg.train
     # fused: one kernel per parameter for decay, momentum and update (CPU and GPU); the per-op loop measured
-    # 1.18x slower per DNN3/DNN3 step on CPU (README, Benchmarks)
+    # 1.18x slower per DNN3/DNN3 step on CPU (docs/benchmarks.md)
     if t.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     else:
@@ -233,8 +233,8 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
         torch.set_num_threads(cfg.dist.cpus_per_worker)
     if device.type == "cpu":
         # Flush subnormal floats (< 1.2e-38) to zero, as GPUs do: Adam's moments of weights that see no gradient
-        # (Fashion-MNIST's blank border) decay into that range, where CPU arithmetic is 4-25x slower (README,
-        # Benchmarks). This thread's setting; the OpenMP threads it starts later inherit it.
+        # (Fashion-MNIST's blank border) decay into that range, where CPU arithmetic is 4-25x slower
+        # (docs/benchmarks.md). This thread's setting; the OpenMP threads it starts later inherit it.
         torch.set_flush_denormal(True)
     meta = read_meta(cfg.data.path)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -1,0 +1,127 @@
+"""README is a front page and docs/ holds the rest: every relative link and anchor in the Markdown resolves,
+README links every docs page, and the commands of the benchmark summary parse.
+
+(Fenced `vpn-dist` commands of README.md and docs/*.md are parsed in tests/test_cluster_files.py, docs/config.md's
+key table is checked in tests/test_config.py, docs/api.md's example runs in tests/test_readme.py.)
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from test_cluster_files import check_vpn_command
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+MARKDOWN = [README, *DOCS, REPO / "cluster" / "README.md"]
+README_MAX_LINES = 150  # a front page a newcomer reads in five minutes; the rest belongs in docs/
+
+FENCE = re.compile(r"^ *(```|~~~)[^\n]*\n.*?^ *\1[^\n]*$", re.S | re.M)
+INLINE_CODE = re.compile(r"(`+).+?\1", re.S)
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def _prose(markdown: str) -> str:
+    """The Markdown without code: fenced blocks and inline code spans hold no links or headings."""
+    return INLINE_CODE.sub("", FENCE.sub("", markdown))
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading keeps its text
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for line in FENCE.sub("", path.read_text()).splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not match:
+            continue
+        slug = github_slug(match.group(1))
+        out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def links(path: Path) -> list[str]:
+    return LINK.findall(_prose(path.read_text()))
+
+
+def _relative_links():
+    for path in MARKDOWN:
+        for target in links(path):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            yield path, target
+
+
+RELATIVE_LINKS = list(_relative_links())
+
+
+@pytest.mark.parametrize("path,target", RELATIVE_LINKS,
+                         ids=[f"{p.relative_to(REPO)}->{t}" for p, t in RELATIVE_LINKS])
+def test_relative_link_resolves(path, target):
+    file_part, _, anchor = target.partition("#")
+    dest = (path.parent / file_part).resolve() if file_part else path
+    where = f"{path.relative_to(REPO)}: link {target!r}"
+    assert dest.exists(), f"{where}: {dest} does not exist"
+    assert dest == REPO or REPO in dest.parents, f"{where} leaves the repository"
+    if anchor:
+        assert dest.suffix == ".md", f"{where}: an anchor into a file that is not Markdown"
+        assert anchor in anchors(dest), f"{where}: no heading with anchor #{anchor} in {dest.relative_to(REPO)}"
+
+
+def test_link_checker_catches_broken_links(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# A page: with `code`\n\n## Défaults and presets\n\n```\n# not a heading\n```\n"
+                    "[ok](#a-page-with-code) [x](missing.md) ![img](figure.png) `[not](a-link.md)`\n")
+    assert anchors(page) == {"a-page-with-code", "défaults-and-presets"}
+    assert links(page) == ["#a-page-with-code", "missing.md", "figure.png"]
+
+
+def test_links_were_found():
+    sources = {path for path, _ in RELATIVE_LINKS}
+    assert README in sources and len(sources & set(DOCS)) >= 5, sources  # the extraction finds links at all
+    assert any("#" in target for _, target in RELATIVE_LINKS)
+
+
+def test_readme_is_a_front_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines; keep it a front page (at most {README_MAX_LINES}) and move detail "
+        "to a docs/ page")
+    readme_links = {(REPO / target.partition("#")[0]).resolve() for target in links(README)}
+    unlinked = [page.name for page in DOCS if page.resolve() not in readme_links]
+    assert not unlinked, f"README.md does not link these docs pages (add them to its Documentation list): {unlinked}"
+    images = [t for t in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _prose(README.read_text()))]
+    assert images and all((REPO / t).is_file() for t in images), images
+
+
+def _summary_commands() -> list[tuple[str, list[str]]]:
+    """docs/benchmarks.md's summary table: the `vpn-dist ...` spans of its command column."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("\n## Summary\n"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    header = [cell.strip() for cell in rows[0].strip("|").split(" | ")]
+    column = header.index("command")
+    found = []
+    for row in rows[1:]:
+        cell = re.split(r"(?<!\\) \| ", row.strip().strip("|"))[column]
+        for span in re.findall(r"`(vpn-dist [^`]+)`", cell):
+            if "..." not in span:
+                found.append((row.split(" | ")[0].strip("| "), shlex.split(span)))
+    return found
+
+
+def test_benchmark_summary_commands_parse():
+    commands = _summary_commands()
+    assert len(commands) >= 8, commands
+    for what, argv in commands:
+        check_vpn_command(argv, where=f"docs/benchmarks.md summary, {what}")
