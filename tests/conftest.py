@@ -27,3 +27,17 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Test tiers: `make test-fast` runs what is neither slow nor integration; integration tests train end to end,
+# start Ray or other processes, or read the real data sets (each module below does throughout).
+INTEGRATION_MODULES = {"test_train", "test_console", "test_fuzz", "test_benchmarks", "test_kill", "test_ray",
+                       "test_tune"}
+REAL_DATA_FIXTURES = {"fashion_mnist_dir", "cifar10_dir"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if (item.module.__name__ in INTEGRATION_MODULES or item.get_closest_marker("ray")
+                or REAL_DATA_FIXTURES & set(item.fixturenames)):
+            item.add_marker(pytest.mark.integration)

@@ -14,6 +14,7 @@ from vpn_dist.reproduce.grid import Plan, check_plan, grid, run_config
 FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1"]
 
 
+@pytest.mark.integration
 def test_isotropic_mode_trains_with_the_given_scale_and_reports_no_alg2(synthetic_dir, tmp_path):
     out = tmp_path / "iso"
     assert main(["train", "--data", str(synthetic_dir), "--base", "dnn3", "--generator", "none", "--mode",

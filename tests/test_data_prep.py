@@ -430,6 +430,7 @@ def test_nonsense_values_synthetic_and_gray_jpeg(tmp_path, capsys):
     assert betons(tmp_path / "out") == []
 
 
+@pytest.mark.integration
 def test_console_script_exits_2_and_names_the_file(tmp_path):
     src, _ = _fashion_bad(tmp_path, "magic")
     script = Path(sys.executable).parent / "vpn-dist"

@@ -103,6 +103,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_ranks_cover_each_sample_once_per_epoch(indexed, tmp_path):
     torch.multiprocessing.spawn(_rank_worker, args=(2, _free_port(), str(indexed), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

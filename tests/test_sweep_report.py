@@ -123,6 +123,7 @@ def test_several_groups_drop_a_stale_single_best_config(tmp_path):
     assert not (tmp_path / "best_config.yaml").exists()
 
 
+@pytest.mark.integration
 def test_report_does_not_import_ray():
     code = "import sys, vpn_dist.sweep.report; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
