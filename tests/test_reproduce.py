@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from vpn_dist.reproduce.grid import Plan, check_plan, grid, paper_numbers
-from vpn_dist.reproduce.report import mean_std, metric_rows, paired_test, summary, write_report
+from vpn_dist.reproduce.report import mean_std, metric_rows, summary, write_report
+from vpn_dist.reproduce.stats import compare
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO.parent / "shared" / "reference" / "vpn-paper.md"
@@ -143,27 +144,29 @@ def _t_two_sided_p(t: float, df: int) -> float:
 def test_paired_test_equals_the_t_statistic_computed_directly():
     vpn = {0: 81.9, 1: 82.4, 2: 81.1, 3: 82.8, 4: 81.7, 7: 99.0}  # seed 7 has no baseline: not paired
     baseline = {0: 81.5, 1: 81.6, 2: 81.3, 3: 81.9, 4: 81.2}
-    delta, p, n = paired_test(vpn, baseline)
+    paired = compare(vpn, baseline)
     d = np.array([vpn[s] - baseline[s] for s in range(5)])
     t = d.mean() / (d.std(ddof=1) / math.sqrt(5))
-    assert n == 5 and delta == pytest.approx(d.mean())
-    assert p == pytest.approx(_t_two_sided_p(t, 4), rel=1e-4)
-    assert paired_test({0: 1.0}, {0: 0.5}) == (0.5, None, 1)
+    assert paired.n == 5 and paired.mean == pytest.approx(d.mean())
+    assert paired.p == pytest.approx(_t_two_sided_p(t, 4), rel=1e-4)
+    assert (compare({0: 1.0}, {0: 0.5}).mean, compare({0: 1.0}, {0: 0.5}).p) == (0.5, None)
     # one seed has no spread to show; nothing measured (σ's AUROC without masks) is said, not printed as nan
     assert summary([0.5]) == "0.50 (1)" and summary([None, math.nan]) == "n/a" and summary([1.0, 2.0]) == "1.50 ± 0.71 (2)"
 
 
-def _row(table, base, generator, mode, seed, alg2, plain, status="finished"):
+def _row(table, base, generator, mode, seed, alg2, plain, status="finished", **more):
     return {"table": table, "data": "fashion-mnist", "base": base, "generator": generator, "mode": mode, "seed": seed,
             "test_acc_alg2": alg2, "test_acc_no_noise": plain, "status": status,
-            "run_id": f"fashion-mnist/{base}-{generator}-{mode}/seed{seed}"}
+            "run_id": f"fashion-mnist/{base}-{generator}-{mode}/seed{seed}", **more}
 
 
 def test_aggregation_and_report_against_a_direct_computation(tmp_path):
     rng = np.random.default_rng(0)
     base_acc, vpn_alg2, vpn_plain = rng.uniform(0.7, 0.8, 4), rng.uniform(0.7, 0.8, 4), rng.uniform(0.7, 0.8, 4)
-    rows = [_row(1, "sr", "none", "baseline", s, None, base_acc[s]) for s in range(4)]
-    rows += [_row(1, "sr", "dnn3", "joint", s, vpn_alg2[s], vpn_plain[s]) for s in range(4)]
+    rows = [_row(1, "sr", "none", "baseline", s, None, base_acc[s], wall_time_s=900, device="unknown")
+            for s in range(4)]
+    rows += [_row(1, "sr", "dnn3", "joint", s, vpn_alg2[s], vpn_plain[s], wall_time_s=1800, device="Test CPU",
+                  train_images_per_sec=100 * (s + 1)) for s in range(4)]
     rows += [_row(1, "sr", "dnn3", "joint", 4, 0.99, 0.99, status="failed")]  # never counted
     cells = {name: values for _key, name, values in metric_rows(rows)}
     assert set(cells) == {"baseline", "dnn3", "dnn3 (no noise)"}
@@ -180,6 +183,157 @@ def test_aggregation_and_report_against_a_direct_computation(tmp_path):
     t = d.mean() / (d.std(ddof=1) / 2)
     assert line.rstrip(" |").endswith(f"{_t_two_sided_p(t, 3):.3g}")
     assert (tmp_path / "figures" / "table1_fashion-mnist.png").stat().st_size > 0
+
+    # Statistics: against the paper's own gain, 76.34 - 74.97 = +1.37; Holm over the 2 rows (Algorithm 2, no noise)
+    from scipy import stats
+
+    stats_line = next(ln for ln in report.splitlines() if ln.startswith("| 1 | fashion-mnist | sr | dnn3 |"))
+    half_width = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    p_excl = stats.t.cdf((d.mean() - 1.37) / (d.std(ddof=1) / 2), 3)
+    d_plain = 100 * (vpn_plain - base_acc)
+    p_plain = _t_two_sided_p(d_plain.mean() / (d_plain.std(ddof=1) / 2), 3)
+    p_excl_plain = stats.t.cdf((d_plain.mean() - 1.37) / (d_plain.std(ddof=1) / 2), 3)
+    p_holm = min(1, 2 * _t_two_sided_p(t, 3)) if _t_two_sided_p(t, 3) < p_plain else \
+        max(min(1, 2 * p_plain), _t_two_sided_p(t, 3))
+    p_excl_holm = min(1, 2 * p_excl) if p_excl < p_excl_plain else max(min(1, 2 * p_excl_plain), p_excl)
+    verdict = "excluded" if p_excl_holm < 0.05 else "reproduced" if p_holm < 0.05 and d.mean() > 0 else "inconclusive"
+    assert stats_line == (
+        f"| 1 | fashion-mnist | sr | dnn3 | {d.mean():+.2f} "
+        f"[{d.mean() - half_width:+.2f}, {d.mean() + half_width:+.2f}] (4) | {_t_two_sided_p(t, 3):.3g} ({p_holm:.3g}) | +1.37 | {p_excl:.3g} ({p_excl_holm:.3g}) | "
+        f"{compare(cells['dnn3'], cells['baseline']).mde:.2f} | {verdict} |")
+    assert "over the 2 paired tests" in report and "over the 2 exclusion tests" in report
+    # compute: each run once (8 runs: 4 x 900 s + 4 x 1800 s = 3 run-hours), images/s where recorded
+    assert "3.0 run-hours" in report and "of the grid's 8 runs" in report
+    assert "| fashion-mnist | sr | dnn3 | joint | 4 | 2.00 | 250 |" in report
+    assert "| fashion-mnist | sr | none | baseline | 4 | 1.00 | not recorded |" in report
+    assert "- device: Test CPU (4 runs), unknown (4 runs)" in report
+
+
+def test_figure2_shows_the_baseline_beside_joint_runs_and_the_full_test_point_apart(tmp_path):
+    from vpn_dist.reproduce.report import _figure2_cells, write_figures
+
+    rows = [_row(1, base, generator, mode, s, None if generator == "none" else 0.8, 0.8) for s in range(2)
+            for base, generator, mode in (("sr", "none", "baseline"), ("sr", "dnn3", "joint"),
+                                          ("sr", "none", "random"), ("dnn3", "none", "baseline"))]
+    curves = [{"run_id": r["run_id"], "epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_acc_alg2": 0.7,
+               "test_acc_no_noise": 0.7 + 0.01 * e, "eval_images": "all" if e == 3 else 500} for r in rows
+              for e in (1, 2, 3)]
+    cells = _figure2_cells(rows, curves)
+    # the joint runs and their base's baseline; not random, not a baseline of a base without joint runs
+    assert set(cells["fashion-mnist"]) == {("sr", "none", "baseline"), ("sr", "dnn3", "joint")}
+    assert all(len(runs) == 2 for runs in cells["fashion-mnist"].values())
+    written = write_figures(tmp_path, rows, curves, {})
+    assert (tmp_path / "figure2_fashion-mnist.png") in written
+
+
+def test_the_committed_grids_keep_their_plan_fingerprints_and_name_no_machine_path():
+    """Rows of another plan are never taken as finished: the fingerprint of every committed grid must not move."""
+    from vpn_dist.reproduce.report import read_csv
+
+    grids = sorted((REPO / "reproduction").glob("*/reproduce.json"))
+    assert grids
+    for saved in grids:
+        plan = Plan.from_dict(json.loads(saved.read_text()))
+        assert {row["plan"] for row in read_csv(saved.parent / "runs.csv")} == {plan.fingerprint()}, saved
+        assert Plan.from_dict(plan.to_dict()).fingerprint() == plan.fingerprint()
+        assert all(isinstance(entry, dict) for entry in json.loads(saved.read_text())["data"].values()), \
+            f"{saved} names its data by a path of the machine that ran it"
+
+
+def _parser():
+    import argparse
+
+    from vpn_dist.reproduce import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_a_grid_resumes_on_another_machine_with_the_same_data_elsewhere(synthetic_dir, tmp_path):
+    import shutil
+
+    from vpn_dist.errors import UserError
+    from vpn_dist.reproduce import _new_plan, _resumed_plan
+    from vpn_dist.reproduce.grid import data_fingerprint
+
+    out = tmp_path / "grid"
+    start = ["--table", "1", "--data", str(synthetic_dir), "--seeds", "1", "--out", str(out), "--bases", "sr"]
+    started = _new_plan(_parser().parse_args(start), out)
+    saved = json.loads((out / "reproduce.json").read_text())
+    assert saved["data"] == {"synthetic": {"meta_fingerprint": data_fingerprint(synthetic_dir)}}
+    assert str(synthetic_dir) not in (out / "reproduce.json").read_text()
+    assert _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out).data == {
+        "synthetic": str(synthetic_dir)}  # this machine remembers where its data is
+
+    # another machine: the committed files only, the same preparation somewhere else
+    (out / "runs" / "data-paths.json").unlink()
+    with pytest.raises(UserError, match=r"synthetic \(not known on this machine\); give --data DIR"):
+        _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)
+    moved = tmp_path / "elsewhere" / "syn"
+    shutil.copytree(synthetic_dir, moved)
+    resumed = _resumed_plan(_parser().parse_args(["--out", str(out), "--resume", "--data", str(moved)]), out)
+    assert resumed.data == {"synthetic": str(moved)} and resumed.fingerprint() == started.fingerprint()
+
+    other = tmp_path / "other" / "syn"  # prepared differently (another validation seed): not the grid's data
+    shutil.copytree(synthetic_dir, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "val_seed": meta.get("val_seed", 0) + 1}))
+    with pytest.raises(UserError, match="is not the grid's synthetic: its meta.json differs"):
+        _resumed_plan(_parser().parse_args(["--out", str(out), "--resume", "--data", str(other)]), out)
+
+
+def test_a_plan_saved_with_data_paths_still_loads_and_resumes(synthetic_dir, tmp_path):
+    from vpn_dist.errors import UserError
+    from vpn_dist.reproduce import _resumed_plan
+    from vpn_dist.reproduce.grid import data_fingerprint
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    old = {"tables": [1], "data": {"synthetic": str(synthetic_dir)}, "seeds": 1, "bases": ["sr"],
+           "generators": ["dnn3"], "modes": None, "epochs": None, "overrides": [], "gpus_per_trial": 0.0,
+           "cpus_per_trial": 1}
+    (out / "reproduce.json").write_text(json.dumps(old))
+    plan = Plan.from_dict(old)
+    before = plan.fingerprint()
+    assert plan.data == {"synthetic": str(synthetic_dir)} and plan.data_fingerprints == {"synthetic": None}
+    resumed = _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)  # the saved path is a hint
+    assert resumed.fingerprint() == before
+    assert json.loads((out / "reproduce.json").read_text())["data"] == {
+        "synthetic": {"meta_fingerprint": data_fingerprint(synthetic_dir)}}  # pinned from now on
+    (out / "reproduce.json").write_text("{\"tables\": [1]}")
+    with pytest.raises(UserError, match="is not a reproduction plan"):
+        _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)
+
+
+def test_a_finished_run_trained_again_is_counted_once_and_old_rows_say_unknown(tmp_path):
+    from vpn_dist.reproduce import Results
+    from vpn_dist.reproduce.report import read_csv, run_rows
+
+    plan = Plan(tables=[1], data={"synthetic": ""}, seeds=1, bases=["sr"], modes=["baseline", "joint"],
+                generators=["dnn3"])
+    runs = grid(plan)
+    baseline, joint = (next(r for r in runs if r.mode == mode) for mode in ("baseline", "joint"))
+    old_rows = {(r.run_id, 1): {**row, "test_acc_no_noise": 0.5}
+                for r in (baseline, joint) for row in run_rows(r, None, "finished", plan.fingerprint())}
+    attempts = [{"reason": "start"}, {"reason": "resume"}]
+    for run in (baseline, joint):
+        run_dir = tmp_path / "runs" / run.run_id
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "epochs_completed": 40, "epochs_planned": 40, "test_acc_no_noise": 0.6, "device": "Test CPU",
+            "torch_version": "2.10", "precision": "fp32", "flush_denormal": "on", "attempts": attempts,
+            "history": []}))
+    state = Results(tmp_path, plan, runs, {k: v for k, v in old_rows.items() if k[0] == joint.run_id},
+                    retraining={baseline.run_id})
+    assert state.rows[(joint.run_id, 1)]["device"] == "unknown"  # finished before the column existed
+    state.rows[(baseline.run_id, 1)] = {**old_rows[(baseline.run_id, 1)], "retrains": 0}
+    for _ in range(2):  # its trial's end is reported twice (the callback, then the driver's loop)
+        state.record(baseline, "TERMINATED", report=False)
+    row = {r["run_id"]: r for r in read_csv(tmp_path / "runs.csv")}[baseline.run_id]
+    assert (row["retrains"], row["resumes"], row["test_acc_no_noise"]) == (1, 1, 0.6)
+    assert (row["device"], row["torch_version"], row["precision"], row["flush_denormal"]) == (
+        "Test CPU", "2.10", "fp32", "on")  # a version is text, not the number 2.1
 
 
 def test_demo_prints_what_the_committed_grids_found(tmp_path, capsys):
@@ -248,15 +402,18 @@ def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(sy
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     finished_before: list[str] = []
-    while time.time() < deadline and first.poll() is None:
-        if (out / "runs.csv").is_file():
-            finished_before = sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
-            if finished_before:
-                break
-        time.sleep(0.5)
+    try:
+        while time.time() < deadline and first.poll() is None:
+            if (out / "runs.csv").is_file():
+                finished_before = sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
+                if finished_before:
+                    break
+            time.sleep(0.5)
+    finally:  # the driver and its local Ray, at once; also when this test fails, so no grid outlives it
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     assert finished_before, (tmp_path / "first.log").read_text()[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray, at once
-    first.wait()
 
     resumed = _vpn("reproduce", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

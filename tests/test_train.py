@@ -46,6 +46,32 @@ def test_run_directory_layout_and_metrics(joint_run):
     assert "gamma: 0.0025" in resolved, "the paper's gamma = 0.01/K is resolved into config.yaml (K = 4)"
 
 
+def test_metrics_record_where_and_in_what_precision_the_run_computed(joint_run):
+    from vpn_dist.train import device_name, resolve_amp
+
+    _, metrics = joint_run
+    cpu = torch.device("cpu")
+    assert device_name(cpu) not in ("", "unknown") and metrics["device"] == device_name(cpu)
+    assert metrics["precision"] == {"off": "fp32", "bf16": "bf16"}[resolve_amp("auto", cpu)]  # amp=auto, resolved
+    assert metrics["flush_denormal"] == "on" and metrics["torch_version"] == torch.__version__
+
+
+def test_provenance_lists_each_value_its_attempts_ran_with(tmp_path):
+    from vpn_dist.config import from_dict
+    from vpn_dist.train import summarize
+
+    cfg = from_dict({"data.path": str(tmp_path), "out": str(tmp_path)})
+    attempts = [{"reason": "start", "start_epoch": 0, "device": "CPU A", "precision": "fp32"},
+                {"reason": "resume", "start_epoch": 1, "device": "GPU B", "precision": "fp32"},
+                {"reason": "resume", "start_epoch": 1}]  # written before provenance was recorded
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in attempts))
+    epoch = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "epoch_time_s": 1.0, "train_images_per_sec": 10.0,
+             "scaler_skipped_steps": 0}
+    summary = summarize(cfg, [epoch], tmp_path)
+    assert summary["device"] == "CPU A + GPU B + unknown" and summary["precision"] == "fp32 + unknown"
+    assert summary["torch_version"] == "unknown"
+
+
 def test_per_epoch_curves_read_a_subset_sized_to_a_twentieth_of_the_epochs_training(joint_run, synthetic_dir):
     from vpn_dist.config import apply_overrides, from_dict
     from vpn_dist.data import read_meta
@@ -168,6 +194,7 @@ def test_cpu_training_flushes_subnormal_floats_in_its_own_thread(synthetic_dir, 
 def test_bf16_autocast_trains(synthetic_dir, tmp_path):
     metrics = train(synthetic_dir, tmp_path / "bf16", "--set", "train.amp=bf16", base="sr")
     assert metrics["train_loss"] == metrics["train_loss"] and metrics["test_acc_alg2"] is not None
+    assert metrics["precision"] == "bf16"
 
 
 def test_non_finite_loss_names_epoch_and_step(synthetic_dir, tmp_path, capsys):

@@ -51,7 +51,8 @@ def main() -> int:
 
 def print_reproduction(root: Path) -> None:
     """What the committed 40-epoch grids found so far: each VPN and random row against the same seeds' baseline."""
-    from vpn_dist.reproduce.report import metric_rows, paired_test, read_csv
+    from vpn_dist.reproduce.report import metric_rows, read_csv
+    from vpn_dist.reproduce.stats import compare
 
     lines = []
     for runs_csv in sorted(root.glob("*/runs.csv")):
@@ -59,11 +60,11 @@ def print_reproduction(root: Path) -> None:
         baselines = {key: values for key, name, values in cells if name == "baseline"}
         for key, name, values in cells:
             if name != "baseline" and key in baselines:
-                delta, p, seeds = paired_test(values, baselines[key])
-                if seeds:
-                    p_text = "-" if p is None else f"{p:.2g}"
+                paired = compare(values, baselines[key])
+                if paired.n:
+                    p_text = "-" if paired.p is None else f"{paired.p:.2g}"
                     lines.append(f"| {runs_csv.parent.name:<18} | {key[0]:<5} | {key[2]:<4} | {name:<19} | "
-                                 f"{delta:+6.2f} | {p_text:>7} | {seeds} |")
+                                 f"{paired.mean:+6.2f} | {p_text:>7} | {paired.n} |")
     if lines:
         print(f"\nThe paper's 40-epoch settings, committed grids ({root.name}/*/report.md; docs/reproduction.md): "
               "test accuracy minus the same seeds' baseline, in points, with the paired t-test's p")

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -231,11 +232,12 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     device = pick_device(cfg, using_ray)
     if using_ray and device.type == "cpu":  # the CPUs Ray reserved for this worker: more threads only oversubscribe
         torch.set_num_threads(cfg.dist.cpus_per_worker)
+    flush_denormal = False
     if device.type == "cpu":
         # Flush subnormal floats (< 1.2e-38) to zero, as GPUs do: Adam's moments of weights that see no gradient
-        # (Fashion-MNIST's blank border) decay into that range, where CPU arithmetic is 4-25x slower
+        # (Fashion-MNIST's blank border) decay into that range, where CPU arithmetic is much slower
         # (docs/benchmarks.md). This thread's setting; the OpenMP threads it starts later inherit it.
-        torch.set_flush_denormal(True)
+        flush_denormal = torch.set_flush_denormal(True)  # False where the CPU cannot
     meta = read_meta(cfg.data.path)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
@@ -244,7 +246,8 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
         load_trained_base(cfg, base)
     trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
     optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
-    scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(cfg.train.amp, device) == "fp16")
+    precision = resolve_amp(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # Where to start: the run directory's newest checkpoint. One rule serves --resume (a new invocation) and
     # recovery after a worker failure (Ray restarts this function in the same invocation), in and out of Ray.
@@ -280,7 +283,10 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
         eval_loaders(cfg, meta, device))
     if worker.rank == 0:
         record_attempt(run_dir, invocation, resumed=state is not None, start_epoch=start_epoch,
-                       world_size=worker.world_size)
+                       world_size=worker.world_size,
+                       provenance={"device": device_name(device), "torch_version": torch.__version__,
+                                   "precision": "fp32" if precision == "off" else precision,
+                                   "flush_denormal": "on" if flush_denormal else "off"})
     return Run(cfg=cfg, worker=worker, run_dir=run_dir, device=device, meta=meta,
                gamma=resolved_gamma(cfg, meta["num_classes"]), base=base, generator=generator, trainable=trainable,
                base_step=base_step, generator_step=generator_step,
@@ -397,16 +403,33 @@ def end_epoch(run: Run, metrics: dict[str, Any], epoch_start: float) -> None:
 
 
 def record_attempt(run_dir: Path, invocation: str | None, *, resumed: bool, start_epoch: int,
-                   world_size: int) -> None:
+                   world_size: int, provenance: dict[str, str]) -> None:
     """attempts.jsonl gets one line per start: fresh, --resume (a checkpoint from an earlier invocation), or
-    recovery (Ray restarted the workers of this invocation after a failure)."""
+    recovery (Ray restarted the workers of this invocation after a failure); with what can move the numbers
+    (PROVENANCE: a resumed run may continue on another machine)."""
     earlier = _read_attempts(run_dir)
     reason = "start" if not resumed else (
         "recovery" if any(a.get("invocation") == invocation for a in earlier) else "resume")
     with open(run_dir / "attempts.jsonl", "a") as attempts:
         attempts.write(json.dumps({"reason": reason, "start_epoch": start_epoch, "time": time.time(),
                                    "world_size": world_size, "invocation": invocation,
-                                   "master_addr": os.environ.get("MASTER_ADDR")}) + "\n")
+                                   "master_addr": os.environ.get("MASTER_ADDR"), **provenance}) + "\n")
+
+
+PROVENANCE = ("device", "torch_version", "precision", "flush_denormal")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model: the same run can give other numbers on other hardware."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _figure_inputs(generator: nn.Module, x: torch.Tensor, y: torch.Tensor, gamma: float, bound: str, C: float | None):
@@ -456,6 +479,8 @@ def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> d
         "worker_restarts": sum(a["reason"] == "recovery" for a in attempts),
         "attempts": attempts,
     }
+    for key in PROVENANCE:  # every attempt's value, in order ("a + b" where a resume moved to other hardware)
+        summary[key] = " + ".join(dict.fromkeys(str(a.get(key, "unknown")) for a in attempts)) or "unknown"
     for key in ("test_sigma_mean", "test_sigma_max", "test_sigma_frac_at_bound", "test_sigma_bg_auroc",
                 "test_sigma_between_image_share", "test_sigma_label_change"):
         if key in latest_eval:

@@ -5,9 +5,10 @@
         [--max-concurrent K] [--gpus-per-trial F] [--cpus-per-trial C] [--resume]
 
 OUT/runs/<data>/<base>-<generator>-<mode>/seed<k>/   each run's directory (vpn-dist train's layout)
+OUT/runs/data-paths.json   where this machine holds each data set (reproduce.json names it by content instead)
 OUT/runs.csv      one row per cell x seed: the results, and the resume state (a finished row never reruns)
 OUT/curves.csv    per-epoch loss, train and test accuracy of every run (Figure 2)
-OUT/report.md, OUT/figures/   the tables beside the paper's, with a paired t-test against the baseline
+OUT/report.md, OUT/figures/   the tables beside the paper's, the paired statistics and a verdict per claim
 
 A thin layer on the sweep driver: one trial per run, no early stopping, trials packed by the resources they
 reserve. Trials start seed by seed (so an interrupted grid holds whole seeds); a generator-only run starts from its
@@ -24,9 +25,9 @@ from typing import Any
 from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
 from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
-from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
-                                       run_rows, write_csv, write_report)
+from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_fingerprint, data_label, grid, run_config
+from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary,
+                                       mark_unknown_provenance, read_csv, run_rows, write_csv, write_report)
 from vpn_dist.sweep import driver
 
 
@@ -75,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     # (runs.csv came from another machine)
     needed = {r.baseline() for r in pending if r.mode == "generator-only"}
     by_id = {r.run_id: r for r in runs}
-    for base_run in needed:
-        if by_id[base_run.run_id] not in pending and not checkpoints(runs_root / base_run.run_id):
-            pending.append(by_id[base_run.run_id])
-    print(f"reproduce: {len(runs)} runs in the grid, {len(runs) - len(pending)} finished, {len(pending)} to run; "
+    retraining = {base_run.run_id for base_run in needed
+                  if by_id[base_run.run_id] not in pending and not checkpoints(runs_root / base_run.run_id)}
+    pending += [by_id[run_id] for run_id in sorted(retraining)]
+    print(f"reproduce: {len(runs)} runs in the grid, {len(runs) - len(pending)} finished, {len(pending)} to run"
+          f"{f' ({len(retraining)} finished elsewhere, trained again here)' if retraining else ''}; "
           f"results in {out}", flush=True)
-    state = Results(out, plan, runs, previous)
+    state = Results(out, plan, runs, previous, retraining)
     state.save()
     # Seed by seed, in the grid's order; a generator-only run waits for its seed's baseline (when that runs too),
     # and starts as soon as it has finished, so no slot idles while anything else could run.
@@ -115,7 +117,7 @@ def _report_only(out: Path) -> int:
     saved = out / "reproduce.json"
     if not saved.is_file():
         raise UserError(f"--report-only: {out} holds no reproduction grid (no reproduce.json)")
-    plan = Plan.from_dict(json.loads(saved.read_text()))
+    plan = _load_plan(saved, "--report-only")
     runs = grid(plan)
     previous = {(r["run_id"], r["table"]): r for r in read_csv(out / "runs.csv") if r.get("plan") == plan.fingerprint()}
     state = Results(out, plan, runs, previous)
@@ -136,9 +138,12 @@ def reproduce_trial(params: dict[str, Any], plan: Plan, runs_root: Path) -> None
 class Results:
     """runs.csv and curves.csv, rewritten as each run ends (in the driver process, so one writer)."""
 
-    def __init__(self, out: Path, plan: Plan, runs: list[Run], previous: dict[tuple[str, int], dict[str, Any]]):
+    def __init__(self, out: Path, plan: Plan, runs: list[Run], previous: dict[tuple[str, int], dict[str, Any]],
+                 retraining: set[str] = frozenset()):
         self.out, self.plan, self.runs = out, plan, runs
-        self.rows = dict(previous)  # (run_id, table) -> row; rows of earlier sessions stay
+        # (run_id, table) -> row; rows of earlier sessions stay
+        self.rows = {key: mark_unknown_provenance(dict(row)) for key, row in previous.items()}
+        self.retraining = set(retraining)  # finished runs trained again from scratch (their run dir is not here)
         self.curves: dict[str, list[dict[str, Any]]] = {}
         for point in read_csv(out / "curves.csv"):
             self.curves.setdefault(point["run_id"], []).append(point)
@@ -157,8 +162,14 @@ class Results:
         if self.status(run) == FINISHED and not done:
             return  # finished in an earlier session; its run dir is on another machine
         status = FINISHED if done else ("failed" if trial_status == "ERROR" else "pending")
+        retrains = self.rows[(run.run_id, run.tables[0])].get("retrains")
+        if done and run.run_id in self.retraining:  # counted once, however many times its trial reports the end
+            self.retraining.discard(run.run_id)
+            retrains = (retrains if isinstance(retrains, int) else 0) + 1
+        elif retrains is None and summary:
+            retrains = 0
         for row in run_rows(run, summary, status, self.plan.fingerprint()):
-            self.rows[(run.run_id, row["table"])] = row
+            self.rows[(run.run_id, row["table"])] = {**row, "retrains": retrains}
         if summary:
             self.curves[run.run_id] = curve_rows(run, summary)
         self.save(report=report)  # after every run: an interrupted grid's report is current
@@ -208,15 +219,44 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
     plan = Plan(tables=sorted(set(args.tables)), data=data, seeds=args.seeds, bases=args.bases,
                 generators=args.generators or ["dnn3", "resnet18"], modes=args.modes, epochs=args.epochs,
                 overrides=list(args.overrides), gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
-                sigma_from=args.sigma_from)
+                sigma_from=args.sigma_from,
+                data_fingerprints={label: data_fingerprint(path) for label, path in data.items()})
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be at least 1")
     if args.cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     check_plan(plan)
     make_output_dir(out, "--out")
-    write_json_atomic(out / "reproduce.json", plan.to_dict())
+    _save_plan(out, plan)
     return plan
+
+
+DATA_PATHS = Path("runs") / "data-paths.json"  # in OUT: this machine's, like the run directories beside it
+
+
+def _load_plan(saved: Path, flag: str) -> Plan:
+    try:
+        plan = Plan.from_dict(json.loads(saved.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{flag}: {saved} is not a reproduction plan ({type(err).__name__}: {err})") from None
+    known_here = _read_data_paths(saved.parent)
+    plan.data.update({label: path for label, path in known_here.items() if label in plan.data})
+    return plan
+
+
+def _read_data_paths(out: Path) -> dict[str, str]:
+    try:
+        found = json.loads((out / DATA_PATHS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
+
+
+def _save_plan(out: Path, plan: Plan) -> None:
+    """reproduce.json (the data by name and content: it travels with the results) and where the data is here."""
+    (out / DATA_PATHS).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / DATA_PATHS, plan.data)
+    write_json_atomic(out / "reproduce.json", plan.to_dict())
 
 
 def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
@@ -225,10 +265,7 @@ def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
     saved = out / "reproduce.json"
     if not saved.is_file():
         raise UserError(f"--resume: {out} holds no reproduction grid (no reproduce.json); start it without --resume")
-    try:
-        plan = Plan.from_dict(json.loads(saved.read_text()))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"--resume: {saved} is not a reproduction plan ({err})") from None
+    plan = _load_plan(saved, "--resume")
     asked_and_saved = (("--table", sorted(set(args.tables)), plan.tables), ("--bases", args.bases, plan.bases),
                        ("--modes", args.modes, plan.modes), ("--generators", args.generators, plan.generators),
                        ("--epochs", args.epochs, plan.epochs), ("--set", args.overrides, plan.overrides),
@@ -248,12 +285,21 @@ def _resumed_plan(args: argparse.Namespace, out: Path) -> Plan:
                 raise UserError(f"--resume --data {raw}: {label!r} is not one of the grid's data sets "
                                 f"({', '.join(plan.data)})")
             plan.data[label] = str(Path(raw).resolve())
-    missing = [f"{label} ({path})" for label, path in plan.data.items() if not Path(path).is_dir()]
+    missing = [f"{label} ({path or 'not known on this machine'})" for label, path in plan.data.items()
+               if not path or not Path(path).is_dir()]
     if missing:
         raise UserError(f"--resume: the grid's data is not here: {', '.join(missing)}; give --data DIR for each")
+    for label, path in plan.data.items():
+        found, expected = data_fingerprint(path), plan.data_fingerprints.get(label)
+        if expected is None:  # a grid saved before fingerprints: the data it continues with is the grid's from now on
+            plan.data_fingerprints[label] = found
+        elif found != expected:
+            raise UserError(f"--resume: {path} is not the grid's {label}: its meta.json differs (fingerprint {found}, "
+                            f"the grid's {expected}), so it was prepared differently and its runs would not be "
+                            f"comparable; give --data DIR of the same preparation, or start a new --out")
     if args.gpus_per_trial:
         plan.gpus_per_trial = args.gpus_per_trial
     check_plan(plan)
-    write_json_atomic(saved, plan.to_dict())
+    _save_plan(out, plan)
     print(f"resuming the grid in {out} with its saved settings ({saved})", flush=True)
     return plan

@@ -66,10 +66,13 @@ class Run:
 
 @dataclass
 class Plan:
-    """What `vpn-dist reproduce` was asked for; saved as OUT/reproduce.json, so --resume needs no flags."""
+    """What `vpn-dist reproduce` was asked for; saved as OUT/reproduce.json, so --resume needs no flags.
+
+    reproduce.json names each data set by its label and the fingerprint of its meta.json, not by where it lives:
+    the grid may continue on another machine. Where it lives on this one is `data` (not saved there)."""
 
     tables: list[int]
-    data: dict[str, str]  # label -> prepared directory
+    data: dict[str, str]  # label -> prepared directory on this machine ("" where not known here)
     seeds: int
     bases: list[str] | None = None  # None: the table's
     generators: list[str] = field(default_factory=lambda: list(GENERATORS))
@@ -80,13 +83,25 @@ class Plan:
     cpus_per_trial: int = 1
     # the isotropic control's s, per seed: the learned mean sigma of that seed's joint run in this grid directory
     sigma_from: str | None = None
+    data_fingerprints: dict[str, str | None] = field(default_factory=dict)  # label -> data_fingerprint (None: unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        saved = asdict(self)
+        del saved["data_fingerprints"]
+        saved["data"] = {label: {"meta_fingerprint": self.data_fingerprints.get(label)} for label in self.data}
+        return saved
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        return cls(**data)
+    def from_dict(cls, saved: dict[str, Any]) -> Plan:
+        """From reproduce.json; one written before fingerprints holds label -> path (kept as where to look)."""
+        saved = dict(saved)
+        data = saved.pop("data")
+        if not isinstance(data, dict):
+            raise TypeError(f"'data' is {type(data).__name__}, not a mapping of data set to its fingerprint")
+        paths = {label: entry if isinstance(entry, str) else "" for label, entry in data.items()}
+        fingerprints = {label: entry.get("meta_fingerprint") if isinstance(entry, dict) else None
+                        for label, entry in data.items()}
+        return cls(data=paths, data_fingerprints=fingerprints, **saved)
 
     def command(self, out: str) -> str:
         """The `vpn-dist reproduce` command line of this plan (data by label: where it lives varies)."""
@@ -111,6 +126,13 @@ class Plan:
                  and not (k == "sigma_from" and v is None)}  # plans from before the control keep their rows
         keyed["data"] = sorted(self.data)
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """The content of a prepared directory's meta.json (its keys sorted, so formatting does not count): the source
+    checksum, splits, validation seed and storage of that preparation."""
+    meta = read_meta(path)
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_label(path: str | Path) -> str:

@@ -16,10 +16,17 @@ import numpy as np
 
 from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import Plan, Run, paper_numbers
+from vpn_dist.reproduce.stats import ALPHA, POWER, Comparison, compare, judge
 
+# What can move a number besides the seed: where and how the run computed, and whether it was trained more than once.
+# retrains: how many times `reproduce` trained the run again from scratch after it had finished (its run directory
+# was gone); resumes: how many times the run continued from a checkpoint (--resume, or Ray's worker recovery).
+PROVENANCE_COLUMNS = ("device", "torch_version", "precision", "flush_denormal", "resumes", "retrains")
+UNKNOWN = "unknown"  # a finished row from before its column was recorded
 RUN_COLUMNS = ("table", "data", "base", "generator", "mode", "seed", "epochs", "test_acc_alg2", "test_acc_no_noise",
                "val_acc", "wall_time_s", "status", "run_id", "train_loss", "train_acc", "sigma_mean", "sigma_max",
-               "sigma_bg_auroc", "sigma_between_image_share", "plan")
+               "sigma_bg_auroc", "sigma_between_image_share", "plan", "train_images_per_sec") + PROVENANCE_COLUMNS + (
+               "sigma_label_change",)
 CURVE_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "test_acc_alg2", "test_acc_no_noise", "val_acc",
                  "eval_images", "eval_time_s", "epoch_time_s")
 FINISHED = "finished"
@@ -34,9 +41,24 @@ def run_rows(run: Run, summary: dict[str, Any] | None, status: str, plan_id: str
     base = {"data": run.data, "base": run.base, "generator": run.generator, "mode": run.mode, "seed": run.seed,
             "epochs": summary.get("epochs_completed"), "status": status, "run_id": run.run_id, "plan": plan_id}
     for key in ("test_acc_alg2", "test_acc_no_noise", "val_acc", "wall_time_s", "train_loss", "train_acc",
-                "sigma_mean", "sigma_max", "sigma_bg_auroc", "sigma_between_image_share"):
+                "sigma_mean", "sigma_max", "sigma_bg_auroc", "sigma_between_image_share", "train_images_per_sec",
+                "sigma_label_change"):
         base[key] = summary.get(key)
+    if summary:
+        for key in ("device", "torch_version", "precision", "flush_denormal"):
+            base[key] = summary.get(key, UNKNOWN)
+        attempts = summary.get("attempts")
+        base["resumes"] = UNKNOWN if attempts is None else sum(a.get("reason") != "start" for a in attempts)
     return [{"table": t, **base} for t in run.tables]
+
+
+def mark_unknown_provenance(row: dict[str, Any]) -> dict[str, Any]:
+    """A finished row written before the provenance columns existed says so, rather than leaving them blank."""
+    if row.get("status") == FINISHED:
+        for key in PROVENANCE_COLUMNS:
+            if row.get(key) is None:
+                row[key] = UNKNOWN
+    return row
 
 
 def curve_rows(run: Run, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -44,12 +66,16 @@ def curve_rows(run: Run, summary: dict[str, Any]) -> list[dict[str, Any]]:
             for epoch in summary.get("history", [])]
 
 
+TEXT_COLUMNS = ("device", "torch_version", "precision", "flush_denormal")  # "2.10" is a version, not 2.1
+
+
 def read_csv(path: Path) -> list[dict[str, Any]]:
     """Rows with numbers parsed back ('' is None)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (v or None) if k in TEXT_COLUMNS else _parse(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: tuple[str, ...]) -> None:
@@ -91,23 +117,6 @@ def summary(values: list[float | None], digits: str = ".2f") -> str:
     return f"{mean:{digits}} ({n})" if n == 1 else f"{mean:{digits}} ± {std:{digits}} ({n})"
 
 
-def paired_test(vpn: dict[int, float], baseline: dict[int, float]) -> tuple[float | None, float | None, int]:
-    """Mean of (VPN - baseline) over the seeds both have, and the two-sided p-value of a paired t-test across
-    those seeds (same seed: same initial base weights and data order). p is None below 2 pairs."""
-    from scipy import stats
-
-    seeds = sorted(set(vpn) & set(baseline))
-    if not seeds:
-        return None, None, 0
-    diffs = np.array([vpn[s] - baseline[s] for s in seeds])
-    if len(seeds) < 2:
-        return float(diffs.mean()), None, 1
-    if np.allclose(diffs, diffs[0]):  # no spread: the t statistic is undefined
-        return float(diffs.mean()), (1.0 if diffs[0] == 0 else 0.0), len(seeds)
-    return float(diffs.mean()), float(stats.ttest_rel([vpn[s] for s in seeds], [baseline[s] for s in seeds]).pvalue), \
-        len(seeds)
-
-
 def metric_rows(rows: list[dict[str, Any]]) -> list[tuple[tuple, str, dict[int, float]]]:
     """Per table cell and paper row: (cell key, row name, {seed: accuracy in %}) from finished runs.
     Baseline and random read no-noise accuracy; a generator gives two rows, Algorithm 2 and no noise."""
@@ -122,7 +131,7 @@ def metric_rows(rows: list[dict[str, Any]]) -> list[tuple[tuple, str, dict[int, 
         else:
             found.setdefault(row["generator"], {})[row["seed"]] = 100 * row["test_acc_alg2"]
             found.setdefault(f"{row['generator']} (no noise)", {})[row["seed"]] = 100 * row["test_acc_no_noise"]
-    order = ["baseline", "random", "dnn3", "dnn3 (no noise)", "resnet18", "resnet18 (no noise)"]
+    order = ["baseline", "random", "isotropic", "dnn3", "dnn3 (no noise)", "resnet18", "resnet18 (no noise)"]
     return [(key, name, cells[key][name]) for key in sorted(cells, key=str) for name in order if name in cells[key]]
 
 
@@ -141,13 +150,15 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
         "- **ours**: mean ± sample std (n seeds);",
         "- **paper**: the paper's number (5 runs averaged);",
         "- **Δ baseline**: mean over seeds of (row − the same seed's baseline), and **p**: two-sided paired t-test "
-        "of the row against the baseline across those seeds (scipy.stats.ttest_rel; n < 2: no test).", "",
+        "of the row against the baseline across those seeds (scipy.stats.ttest_rel; n < 2: no test). Intervals, "
+        "the test against the paper's own gain, the correction for the number of tests and a verdict per claim: "
+        "[Statistics](#statistics).", "",
     ]
     cells = metric_rows(rows)
     by_table: dict[int, list] = {}
     for key, name, values in cells:
         by_table.setdefault(key[0], []).append((key, name, values))
-    baselines = {key: values for key, name, values in cells if name == "baseline"}
+    comparisons = _comparisons(cells, paper)
     for table in sorted(by_table):
         lines += [f"## Table {table}", "", "| data | base | row | ours | paper | ours − paper | Δ baseline | p |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -156,13 +167,15 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
             reference = paper.get((table, key[1], key[2], name))
             vs_paper = "" if reference is None else f"{mean - reference:+.2f}"
             delta = p = ""
-            if name != "baseline" and key in baselines:
-                d, pvalue, pairs = paired_test(values, baselines[key])
-                delta = "" if d is None else f"{d:+.2f} ({pairs})"
-                p = "" if pvalue is None else f"{pvalue:.3g}"
+            if (key, name) in comparisons:
+                c = comparisons[(key, name)]
+                delta = "" if c.mean is None else f"{c.mean:+.2f} ({c.n})"
+                p = "" if c.p is None else f"{c.p:.3g}"
             lines.append(f"| {key[1]} | {key[2]} | {name} | {summary(list(values.values()))} | "
                          f"{'' if reference is None else f'{reference:.2f}'} | {vs_paper} | {delta} | {p} |")
         lines.append("")
+    if comparisons:
+        lines += statistics_section(comparisons)
     sigma = [r for r in rows if r["status"] == FINISHED and r.get("sigma_between_image_share") is not None]
     if sigma:
         lines += ["## Where the noise goes", "",
@@ -174,11 +187,18 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
         groups: dict[tuple, list] = {}
         for r in {r["run_id"]: r for r in sigma}.values():  # each run once, whichever tables show it
             groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
+        label_change = any(r.get("sigma_label_change") is not None for r in sigma)
+        if label_change:  # grids from before it was measured keep their table
+            lines[-2] += " σ label change (mean |σ(x, y+1) − σ(x, y)| / mean σ) |"
+            lines[-1] += "---|"
         for key, members in sorted(groups.items(), key=str):
-            level, auroc, share = (summary([m.get(k) for m in members], digits) for k, digits in (
-                ("sigma_mean", ".3g"), ("sigma_bg_auroc", ".3f"), ("sigma_between_image_share", ".3g")))
-            lines.append(f"| {' | '.join(map(str, key))} | {level} | {auroc} | {share} |")
+            level, auroc, share, moved = (summary([m.get(k) for m in members], digits) for k, digits in (
+                ("sigma_mean", ".3g"), ("sigma_bg_auroc", ".3f"), ("sigma_between_image_share", ".3g"),
+                ("sigma_label_change", ".3g")))
+            lines.append(f"| {' | '.join(map(str, key))} | {level} | {auroc} | {share} |" + (f" {moved} |" if label_change
+                                                                                            else ""))
         lines.append("")
+    lines += compute_section(rows)
     figures = write_figures(out / "figures", rows, curves, paper)
     if figures:
         lines += ["## Figures", ""] + [f"- `{p.relative_to(out)}`" for p in figures] + [""]
@@ -187,49 +207,125 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
+def _comparisons(cells: list[tuple[tuple, str, dict[int, float]]],
+                 paper: dict[tuple, float]) -> dict[tuple, Comparison]:
+    """Every non-baseline row against its cell's baseline, with the paper's claimed gain (the paper's row minus the
+    paper's baseline of the same table, data and base; None where the paper has no number)."""
+    baselines = {key: values for key, name, values in cells if name == "baseline"}
+    found = {}
+    for key, name, values in cells:
+        if name != "baseline" and key in baselines:
+            row, base = paper.get((*key, name)), paper.get((*key, "baseline"))
+            claimed = None if row is None or base is None else row - base
+            found[(key, name)] = compare(values, baselines[key], claimed)
+    return dict(zip(found, judge(list(found.values()))))
+
+
+def statistics_section(comparisons: dict[tuple, Comparison]) -> list[str]:
+    """One table of every row's paired statistics, and the rules that read it."""
+    level = f"{1 - ALPHA:.0%}"
+    tests = sum(c.p is not None for c in comparisons.values())
+    exclusions = sum(c.p_excl is not None for c in comparisons.values())
+    lines = ["## Statistics", "",
+             f"| table | data | base | row | Δ baseline [{level} CI] (n) | p (Holm) | paper's gain | p_excl (Holm) | "
+             f"MDE | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for ((table, data, base), name), c in comparisons.items():
+        if c.n == 0:
+            continue
+        interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+        gain = "" if c.claimed_gain is None else f"{c.claimed_gain:+.2f}"
+        lines.append(f"| {table} | {data} | {base} | {name} | {c.mean:+.2f}{interval} ({c.n}) | "
+                     f"{_p_with_holm(c.p, c.p_holm)} | {gain} | {_p_with_holm(c.p_excl, c.p_excl_holm)} | "
+                     f"{'-' if c.mde is None else f'{c.mde:.2f}'} | {c.verdict or '-'} |")
+    lines += [
+        "",
+        "Differences in accuracy points; n: seeds with both the row and its baseline.",
+        "",
+        f"- **Δ baseline [{level} CI]**: the mean of the per-seed differences (row − the same seed's baseline) and its "
+        f"t interval, mean ± t({1 - ALPHA / 2:g}; n − 1) · sd / √n. With n ≤ 5 seeds a bootstrap interval is not "
+        "better: 5 differences have only 126 distinct resamples, and the percentile bootstrap's interval is too "
+        "narrow at such n; the t interval is exact when the differences are normal. Where every seed gives the same "
+        "difference (a base the generator left unchanged: its no-noise accuracy is its baseline's) there is no spread "
+        "to test: the interval is that difference, and p and p_excl are 0 or 1 by which side of 0 and of the paper's "
+        "gain it lies.",
+        f"- **p**: two-sided paired t-test of the row against its baseline (H0: no difference). In parentheses, Holm's "
+        f"adjustment over the {tests} paired tests of this report.",
+        "- **paper's gain**: the paper's row minus the paper's baseline, same table, data and base.",
+        f"- **p_excl**: one-sided paired t-test of H0: our true gain ≥ the paper's gain, against H1: it is smaller. "
+        f"p_excl < {ALPHA:g} excludes the paper's gain at {ALPHA:.0%}. Holm's adjustment in parentheses, over the "
+        f"{exclusions} exclusion tests of this report (a second family: it asks another question). \"-\": the paper "
+        "claims no gain (its row ≤ its baseline) or has no number for the row, so there is no claim to reject.",
+        f"- **MDE**: the minimum detectable effect, the true difference that a two-sided {ALPHA:.0%} paired t-test on "
+        f"these n seeds with this sd detects with {POWER:.0%} power (the noncentral t, scipy.stats.nct, solved for its "
+        "noncentrality; exact, where the normal approximation is optimistic at a few seeds). A difference below it "
+        "could well go undetected: a large p is not evidence of no effect.",
+        f"- **verdict**, for each row where the paper claims a gain (> 0): **excluded** if the Holm-adjusted p_excl < "
+        f"{ALPHA:g} (the paper's gain is rejected, even where a smaller gain is significant); otherwise **reproduced** "
+        f"if the Holm-adjusted p < {ALPHA:g} and the difference is positive (the paper's direction); otherwise "
+        "**inconclusive** (these seeds neither confirm a gain nor reject the paper's). \"-\": no claimed gain to "
+        "judge, or fewer than 2 seeds.",
+        "",
+    ]
+    return lines
+
+
+def _p_with_holm(p: float | None, adjusted: float | None) -> str:
+    return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
+
+
+def compute_section(rows: list[dict[str, Any]]) -> list[str]:
+    """What the grid cost (run-hours, images/s) and where its numbers came from (device, software, numerics)."""
+    runs = list({r["run_id"]: r for r in rows if r.get("wall_time_s") is not None}.values())  # each run once
+    if not runs:
+        return []
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault((r["data"], r["base"], r["generator"], r["mode"]), []).append(r)
+    lines = ["## Compute and provenance", "",
+             f"{sum(r['wall_time_s'] for r in runs) / 3600:.1f} run-hours: the sum of `wall_time_s` (training and "
+             f"evaluation, over every attempt) of the grid's {len(runs)} runs that ran (each once, however many tables "
+             "show it; a retrained run counts its last training only).", "",
+             "| data | base | generator | mode | runs | run-hours | median train images/s |",
+             "|---|---|---|---|---|---|---|"]
+    for key, members in sorted(groups.items(), key=str):
+        speeds = [m["train_images_per_sec"] for m in members if isinstance(m.get("train_images_per_sec"), (int, float))]
+        speed = f"{np.median(speeds):,.0f}" if speeds else "not recorded"
+        lines.append(f"| {' | '.join(map(str, key))} | {len(members)} | "
+                     f"{sum(m['wall_time_s'] for m in members) / 3600:.2f} | {speed} |")
+    lines += ["", "Where and how the runs computed (runs per value; \"unknown\": finished before runs.csv recorded "
+              "it):", ""]
+    for column, what in (("device", "device"), ("torch_version", "torch"), ("precision", "precision"),
+                         ("flush_denormal", "flush-denormal (CPU)"), ("resumes", "resumes from a checkpoint"),
+                         ("retrains", "retrained from scratch after finishing")):
+        lines.append(f"- {what}: {_tally(r.get(column) for r in runs)}")
+    return lines + [""]
+
+
+def _tally(values: Iterable[Any]) -> str:
+    counts: dict[str, int] = {}
+    for value in values:
+        text = "not run" if value is None else str(value)
+        counts[text] = counts.get(text, 0) + 1
+    return ", ".join(f"{value} ({n} run{'s' if n != 1 else ''})" for value, n in sorted(counts.items()))
+
+
 def write_figures(folder: Path, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
                   paper: dict[tuple, float]) -> list[Path]:
-    """Figure 2 (loss, train and test accuracy per epoch; mean and min-max band over seeds) for every joint
-    cell, and Table 1's cells as bars with error bars beside the paper's values."""
+    """Figure 2 (loss, train and test accuracy per epoch; mean and min-max band over seeds) for every joint cell and
+    its base's baseline, and Table 1's cells as bars with error bars beside the paper's values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    finished = {r["run_id"]: r for r in rows if r["status"] == FINISHED}
-    by_cell: dict[str, dict[str, list[dict]]] = {}
-    for point in curves:
-        run = finished.get(point["run_id"])
-        if run is not None and run["mode"] == "joint":
-            cell = run["run_id"].rsplit("/", 1)[0]
-            by_cell.setdefault(cell, {}).setdefault(point["run_id"], []).append(point)
-    for data in sorted({cell.split("/")[0] for cell in by_cell}):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for cell, runs in sorted(by_cell.items()):
-            if not cell.startswith(f"{data}/"):
-                continue
-            for ax, key in zip(axes, ("train_loss", "train_acc", "test_acc_alg2")):
-                epochs = sorted({p["epoch"] for pts in runs.values() for p in pts})
-                table = np.array([[next((p[key] for p in pts if p["epoch"] == e), np.nan) for e in epochs]
-                                  for pts in runs.values()], dtype=float)
-                line, = ax.plot(epochs, np.nanmean(table, axis=0), label=f"{cell.split('/')[1]} ({len(runs)} seeds)")
-                ax.fill_between(epochs, np.nanmin(table, axis=0), np.nanmax(table, axis=0), alpha=0.2,
-                                color=line.get_color())
-        for ax, title in zip(axes, ("training loss", "training accuracy", "test accuracy (Algorithm 2)")):
-            ax.set_title(title)
-            ax.set_xlabel("epoch")
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"Figure 2 on {data}: joint training, mean and min-max over seeds")
-        written.append(_save(fig, folder / f"figure2_{data}.png"))
-        plt.close(fig)
+    written = [figure2(folder, data, cells, plt) for data, cells in sorted(_figure2_cells(rows, curves).items())]
     table1 = [(key, name, values) for key, name, values in metric_rows(rows) if key[0] == 1]
     for data in sorted({key[1] for key, _, _ in table1}):
         cells = [(key, name, values) for key, name, values in table1 if key[1] == data]
         bases = sorted({key[2] for key, _, _ in cells}, key=lambda b: ("sr", "dnn3").index(b) if b in ("sr", "dnn3")
                        else 9)
-        names = [n for n in ("baseline", "random", "dnn3", "dnn3 (no noise)", "resnet18", "resnet18 (no noise)")
+        names = [n for n in ("baseline", "random", "isotropic", "dnn3", "dnn3 (no noise)", "resnet18", "resnet18 (no noise)")
                  if any(name == n for _, name, _ in cells)]
         fig, axes = plt.subplots(1, len(bases), figsize=(4.5 * len(bases), 4), squeeze=False)
         for ax, base in zip(axes[0], bases):
@@ -253,6 +349,77 @@ def write_figures(folder: Path, rows: list[dict[str, Any]], curves: list[dict[st
         written.append(_save(fig, folder / f"table1_{data}.png"))
         plt.close(fig)
     return written
+
+
+FULL_TEST = "all"  # curves.csv's eval_images of the last epoch: the whole split, where other epochs read a subset
+GENERATOR_LINE_STYLES = {"none": ":", "dnn3": "-", "resnet18": "-."}
+
+
+def _figure2_cells(rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> dict[str, dict[tuple, dict]]:
+    """data -> (base, generator, mode) -> {run_id: its curve points}: the finished joint runs, and the baselines of
+    the bases that have joint runs."""
+    finished = {r["run_id"]: r for r in rows if r["status"] == FINISHED}
+    joint = {(r["data"], r["base"]) for r in finished.values() if r["mode"] == "joint"}
+    found: dict[str, dict[tuple, dict]] = {}
+    for point in curves:
+        run = finished.get(point["run_id"])
+        if run is not None and run["mode"] in ("joint", "baseline") and (run["data"], run["base"]) in joint:
+            cell = found.setdefault(run["data"], {}).setdefault((run["base"], run["generator"], run["mode"]), {})
+            cell.setdefault(point["run_id"], []).append(point)
+    return found
+
+
+def figure2(folder: Path, data: str, cells: dict[tuple, dict], plt) -> Path:
+    """Training loss, training accuracy and test accuracy per epoch: a line per cell (colour: base; style: baseline
+    dotted, generators solid or dash-dotted), mean and min-max band over seeds. The per-epoch test points read a
+    fixed subset of the test split and the last epoch reads all of it, so the line stops at the subset's points and
+    the whole-set result is a separate marker (joining them would draw a step that is only sampling noise)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    bases = sorted({base for base, _, _ in cells})
+    subset_sizes = sorted({p["eval_images"] for runs in cells.values() for pts in runs.values() for p in pts
+                           if p.get("eval_images") not in (None, FULL_TEST)})
+    for i, ((base, generator, mode), runs) in enumerate(sorted(cells.items())):
+        color = f"C{bases.index(base)}"
+        style = GENERATOR_LINE_STYLES.get(generator, "--")
+        label = f"{base}: {'baseline' if mode == 'baseline' else f'VPN, {generator} generator'} ({len(runs)} seeds)"
+        test_key = "test_acc_no_noise" if generator == "none" else "test_acc_alg2"
+        for ax, key in zip(axes, ("train_loss", "train_acc", test_key)):
+            points = [[p for p in pts if p.get(key) is not None] for pts in runs.values()]
+            if key == test_key:  # the full-test-set points are drawn apart, below
+                points = [[p for p in pts if p.get("eval_images") != FULL_TEST] for pts in points]
+            epochs, low, mean, high = _band(points, key)
+            if epochs:
+                ax.plot(epochs, mean, style, color=color, label=label if ax is axes[0] else None)
+                ax.fill_between(epochs, low, high, alpha=0.15, color=color)
+        final = [[p for p in pts if p.get("eval_images") == FULL_TEST and p.get(test_key) is not None]
+                 for pts in runs.values()]
+        epochs, low, mean, high = _band(final, test_key)
+        if epochs:  # side by side, not on top of each other
+            axes[2].errorbar(np.array(epochs) + 0.4 * i, mean, yerr=[mean - low, high - mean], fmt="D", color=color,
+                             mfc="white", capsize=3)
+    subset = f"{', '.join(map(str, subset_sizes))} test images" if subset_sizes else "a test subset"
+    axes[2].plot([], [], "D", color="gray", mfc="white", label="last epoch, whole test set (min-max bar)")
+    axes[2].plot([], [], "-", color="gray", label=f"per epoch, the same {subset}")
+    for ax, title in zip(axes, ("training loss", "training accuracy",
+                                "test accuracy (Algorithm 2; baseline: no noise)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Figure 2 on {data}: joint training and its baseline, mean and min-max over seeds")
+    path = _save(fig, folder / f"figure2_{data}.png")
+    plt.close(fig)
+    return path
+
+
+def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs with a value in any run, and the min, mean and max over runs at each (a run without it: skipped)."""
+    epochs = sorted({p["epoch"] for pts in runs for p in pts})
+    if not epochs:
+        return [], np.array([]), np.array([]), np.array([])
+    table = np.array([[next((p[key] for p in pts if p["epoch"] == e), np.nan) for e in epochs] for pts in runs],
+                     dtype=float)
+    return epochs, np.nanmin(table, axis=0), np.nanmean(table, axis=0), np.nanmax(table, axis=0)
 
 
 def _save(fig, path: Path) -> Path:
