@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from vpn_dist.errors import UserError
+from vpn_dist.launch import check_request
+from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.sweep import driver, report
 from vpn_dist.sweep.space import (Space, SweepSettings, check_space, dataset_table, load_space, max_epochs,
@@ -53,10 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    with hold_directory(out, "--out"):  # one sweep driver at a time in OUT
+        return _sweep(args, out)
+
+
+def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
-    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
-    if settings.gpu:
-        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
+    train_resources = _train_resources(settings)
     trials = driver.run_trials(
         functools.partial(run_trial, settings=settings),
         dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
@@ -73,6 +78,14 @@ def run(args: argparse.Namespace) -> int:
               f"and --resume", flush=True)
         return 130
     return 0
+
+
+def _train_resources(settings: SweepSettings) -> dict[str, float]:
+    """What one trial's Ray Train workers reserve altogether."""
+    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
+    if settings.gpu:
+        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
+    return train_resources
 
 
 def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
@@ -99,6 +112,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
     print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
+    check_request(_train_resources(settings), "each trial")  # a request Ray could never meet writes nothing
     make_output_dir(out / "trials", "--out")
     write_json_atomic(out / "sweep.json", {"space_arg": args.space, "settings": settings.to_dict(),
                                            "started": time.time()})

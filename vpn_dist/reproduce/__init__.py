@@ -23,6 +23,8 @@ from typing import Any
 
 from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
+from vpn_dist.launch import check_request
+from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary, read_csv,
@@ -59,6 +61,11 @@ def _names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    with hold_directory(out, "--out"):  # one grid driver at a time in OUT
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     if args.report_only:
         return _report_only(out)
     plan = _resumed_plan(args, out) if args.resume else _new_plan(args, out)
@@ -209,6 +216,7 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
     if args.cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     check_plan(plan)
+    check_request({"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial}, "each run")  # before anything is written
     make_output_dir(out, "--out")
     write_json_atomic(out / "reproduce.json", plan.to_dict())
     return plan
