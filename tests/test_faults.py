@@ -182,10 +182,13 @@ def fill(disk: Path) -> Path:
 
 def fill_before(write: str):
     """(object, attribute) whose second call (epoch 2's) finds the disk full."""
-    from vpn_dist import observe, train
+    import importlib
 
-    return {"checkpoint": (ckpt, "write_checkpoint"), "tensorboard": (observe.RunLog, "epoch"),
-            "metrics.json": (train, "write_json_atomic")}[write]
+    from vpn_dist.observe import RunLog
+
+    train_module = importlib.import_module("vpn_dist.train")  # `vpn_dist.train` the attribute is the function
+    return {"checkpoint": (ckpt, "write_checkpoint"), "tensorboard": (RunLog, "epoch"),
+            "metrics.json": (train_module, "write_json_atomic")}[write]
 
 
 @pytest.mark.parametrize("write", ["checkpoint", "tensorboard", "metrics.json"])

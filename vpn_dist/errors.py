@@ -48,10 +48,8 @@ def os_error_text(err: OSError) -> str:
     cause = (err.strerror or str(err) or type(err).__name__).rstrip(".")
     cause = cause[0].lower() + cause[1:] if cause else cause
     text = f"{cause}: {err.filename}" if err.filename else cause
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = free_space(err.filename) if err.filename else None
-        shown = f" ({size_text(free)} free there)" if free is not None else ""
-        text += f"{shown}; free space on that file system or write elsewhere"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):  # (how much is free now says little: partial files are gone)
+        text += "; free space on that file system or write elsewhere"
     elif err.errno == errno.EROFS:
         text += "; that file system is mounted read-only: write elsewhere or remount it read-write"
     elif err.errno in (errno.EACCES, errno.EPERM):
