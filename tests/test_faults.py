@@ -355,8 +355,8 @@ def test_two_trains_on_one_out_at_once_leave_one_whole_run(data, tmp_path):
     seed = int(re.search(r"seed: (\d+)", (out / "config.yaml").read_text())[1])
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
     assert state["config"]["train"]["seed"] == seed, "config.yaml and the checkpoint are the same run's"
-    assert json.loads((out / "metrics.json").read_text())["attempts"][0]["invocation"] == \
-        [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()][0]["invocation"]
+    attempts = json.loads((out / "metrics.json").read_text())["attempts"]
+    assert len(attempts) == 1, "metrics.json is that one run's, started once"
 
 
 # ---------------------------------------------------------------- a refused --resume changes nothing

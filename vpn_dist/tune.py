@@ -17,6 +17,7 @@ The jobs live in vpn_dist/sweep/: space (load and check), driver (run trials on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -62,14 +63,21 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
     train_resources = _train_resources(settings)
-    trials = driver.run_trials(
-        functools.partial(run_trial, settings=settings),
-        dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
-        resume=args.resume, max_concurrent=args.max_concurrent, train_resources=train_resources,
-        asha={"time_attr": "epoch", "max_t": settings.max_epochs,
-              "grace_period": min(settings.grace_period, settings.max_epochs),
-              "reduction_factor": settings.reduction_factor},
-        metric=settings.metric, num_samples=settings.samples)
+    try:
+        trials = driver.run_trials(
+            functools.partial(run_trial, settings=settings),
+            dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
+            resume=args.resume, max_concurrent=args.max_concurrent, train_resources=train_resources,
+            asha={"time_attr": "epoch", "max_t": settings.max_epochs,
+                  "grace_period": min(settings.grace_period, settings.max_epochs),
+                  "reduction_factor": settings.reduction_factor},
+            metric=settings.metric, num_samples=settings.samples)
+    except UserError:
+        if not args.resume and not (out / "tune").exists():  # refused (by the cluster) before Tune began: undo _new
+            (out / "sweep.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / "trials").rmdir()
+        raise
     rows = report.collect_rows(trials, out, settings.max_epochs)
     report.write_results(rows, out, space=settings.space, metric=settings.metric)
     unfinished = [r for r in rows if r["status"] in report.UNFINISHED]

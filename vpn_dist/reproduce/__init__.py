@@ -96,10 +96,16 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         train_resources["GPU"] = plan.gpus_per_trial
     if order:
         trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
-        trials = driver.run_trials(
-            trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
-            train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
-            ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
+        try:
+            trials = driver.run_trials(
+                trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
+                train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
+                ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
+        except UserError:
+            if not args.resume and not list(out.glob("tune-*")):  # refused (by the cluster) before any trial
+                for name in ("reproduce.json", "runs.csv", "curves.csv"):  # what this new grid wrote
+                    (out / name).unlink(missing_ok=True)
+            raise
         for t in trials:  # a trial that died before any report still gets its row
             state.record(by_id[t.config["run_id"]], t.status, report=False)
     state.save(report=True)
