@@ -472,7 +472,7 @@ def test_reproduce_refuses_a_set_prepared_as_a_paper_data_set_that_is_not_it(tmp
     assert main(["prep", "synthetic", "--out", str(data), "--classes", "3", "--size", "32x32", "--train-size", "30",
                  "--test-size", "9"]) == 0
     meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps(meta | {"source_kind": "cifar10"}))  # as `vpn-dist prep cifar10` names it
+    (data / "meta.json").write_text(json.dumps(meta | {"source_kind": "cifar10"}))  # what `prep cifar10` writes
     rc, _, err = run_main(["reproduce", "--table", "1", "--data", str(data), "--seeds", "1",
                            "--out", str(tmp_path / "grid")], capsys)
     line = error_line(err, "reproduce")

@@ -74,6 +74,8 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
                 write_storage_marker(run_dir, invocation)
                 run_on_ray(cfg, invocation, ray_callbacks or [], verbose)
             except OSError as err:  # a full disk, a file system gone read-only: what survives, and how to go on
+                if err.filename is None:  # TensorBoard's writer says what failed, not where: in RUN_DIR
+                    err = OSError(err.errno, err.strerror or str(err), str(run_dir))
                 raise TrainingFailed(f"{os_error_text(err)}; {way_on(run_dir)}") from None
             except Interrupted as err:
                 raise Interrupted(f"{err}; {way_on(run_dir)}", err.signum) from None

@@ -1,9 +1,10 @@
-"""One process at a time in an output directory (a run directory, a sweep's or a grid's OUT).
+"""One process at a time in an output directory (a run directory, a prepared data set, a sweep's or a grid's OUT).
 
 `hold_directory` takes an exclusive flock on OUT/.vpn-dist.lock (an empty file) for the command's life. The kernel
 drops a flock when the process holding it ends, however it ends (an exception, Ctrl-C, SIGKILL, the OOM killer), so a
-killed run never leaves its directory locked: the file stays behind, and without the lock it means nothing. Under Ray the driver
-process holds it (its workers write into a directory their driver owns); in a Tune trial, the trial's process.
+killed run never leaves its directory locked: the file stays behind, and without the lock it means nothing. Under Ray
+the driver process holds it (its workers write into a directory their driver owns); in a Tune trial, the trial's
+process.
 """
 from __future__ import annotations
 
