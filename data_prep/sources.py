@@ -25,7 +25,7 @@ from vpn_dist.errors import UserError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAY_MODES = {"1", "L", "LA", "La"}  # 8-bit gray; 16-bit, 32-bit and float gray: to_uint8
 
 
 def sha256_file(path: Path, h=None):
@@ -186,10 +186,42 @@ def _decode(path: str):
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
-            array = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
+            array, error = to_uint8(im)
     except Exception as err:
         return None, f"not a readable image ({type(err).__name__}: {err})", None
+    if error:
+        return None, error, None
     return array, None, hashlib.sha256(blob).digest()
+
+
+def to_uint8(im: Image.Image) -> tuple[np.ndarray | None, str | None]:
+    """An image as 8-bit gray (H, W) or RGB (H, W, 3), or why it cannot be. Pillow's convert("L") clips a 16-bit or
+    a float image instead of scaling it (16-bit mid-grey 32768 becomes 255, float 0.5 becomes 0), so those are
+    scaled here: 16-bit by 255/65535, 32-bit integers when they hold 16-bit values, floats when they lie in [0, 1]."""
+    if im.mode.startswith("I;16"):
+        wide = np.asarray(im).astype(np.uint32)
+        return ((wide + 128) // 257).astype(np.uint8), None  # round(v * 255 / 65535)
+    if im.mode == "I":
+        wide = np.asarray(im)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            return None, (f"32-bit integer pixels ({int(wide.min())}..{int(wide.max())}) that are not 16-bit values: "
+                          f"convert the image to 8 or 16 bits per channel first")
+        return ((wide.astype(np.int64) + 128) // 257).astype(np.uint8), None  # 16-bit PNG and TIFF data
+    if im.mode == "F":
+        values = np.asarray(im)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            return None, (f"floating-point pixels outside [0, 1] ({float(np.nanmin(values)):g}.."
+                          f"{float(np.nanmax(values)):g}): convert the image to 8 or 16 bits per channel first")
+        return np.rint(values * 255).astype(np.uint8), None
+    return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB")), None
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the parent stops the pool; its workers need not each
+    print a KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_images(paths: list[Path], workers: int, desc: str) -> tuple[list[np.ndarray], list[bytes]]:
@@ -197,7 +229,7 @@ def decode_images(paths: list[Path], workers: int, desc: str) -> tuple[list[np.n
     arrays, digests = [], []
     names = [str(p) for p in paths]
     if workers > 1 and len(names) > 256:
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
         results = pool.imap(_decode, names, chunksize=256)
     else:
         pool, results = None, map(_decode, names)

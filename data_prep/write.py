@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vpn_dist.errors import UserError
+from vpn_dist.errors import UserError, free_space, size_text
 
 SPLITS = ("train", "val", "test")
 MIN_PAGE_SIZE = 1 << 21  # ffcv's minimum; small pages keep tiny test files small
@@ -98,9 +98,102 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, masks: np.nd
     sample_bytes = int(np.prod(images.shape[1:])) + (0 if masks is None else int(np.prod(masks.shape[1:])))
     # Fewer writer processes than cores for tiny splits: each one costs a fork and a page.
     workers = max(1, min(num_workers, len(labels) // 1000 + 1))
-    writer = DatasetWriter(str(path), fields, page_size=_page_size(sample_bytes), num_workers=workers)
+    writer = _watched_writer(DatasetWriter)(str(path), fields, page_size=_page_size(sample_bytes), num_workers=workers)
     writer.from_indexed_dataset(_Arrays(images, labels, masks, hwc=jpeg_quality is not None),
                                 chunksize=max(1, min(1000, len(labels) // workers)))
+
+
+def beton_bytes(images: np.ndarray, masks: np.ndarray | None, num_workers: int) -> int:
+    """About how large write_beton's file for these arrays will be: the samples, their metadata rows, and the pages
+    that pad them (each writer process fills pages of its own, the first one aligned to a page)."""
+    sample_bytes = int(np.prod(images.shape[1:])) + (0 if masks is None else int(np.prod(masks.shape[1:])))
+    workers = max(1, min(num_workers, len(images) // 1000 + 1))
+    return len(images) * (sample_bytes + 64) + (workers + 1) * _page_size(sample_bytes)
+
+
+def _watched_writer(base):
+    """ffcv's DatasetWriter with its writer processes watched. ffcv's own parent waits, with no timeout, for a count
+    of written samples that a writer which died (of ENOSPC, say) never reaches, while the other writers spin for that
+    writer's page: a hang. This copy of ffcv's `_write_common` (ffcv 1.0) has each writer report what stopped it; the
+    parent, seeing a writer fail or vanish, stops the others, frees the shared memory and raises that error (an
+    OSError keeps its errno)."""
+    import ctypes
+    import queue
+    import time
+    from multiprocessing import Process, Queue, SimpleQueue, Value
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from tqdm import tqdm
+
+    class WatchedWriter(base):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            self.num_samples = num_samples
+            self.prepare()  # the header, and the shared memory every writer fills with its samples' metadata
+            processes: list[Process] = []
+            try:
+                work: Queue = Queue()
+                for todo in queue_content:
+                    work.put(todo)
+                for _ in range(self.num_workers):
+                    work.put(None)  # one "no more work" per writer
+                allocations: Queue = Queue()
+                errors = SimpleQueue()
+                done = Value(ctypes.c_uint64, 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                        *extra_worker_args)
+                processes = [Process(target=_report_failure, args=(work_fn, errors, *args))
+                             for _ in range(self.num_workers)]
+                for process in processes:
+                    process.start()
+                with tqdm(total=self.num_samples) as progress:
+                    while progress.n < self.num_samples:
+                        _raise_writer_failure(processes, errors)
+                        progress.update(done.value - progress.n)
+                        time.sleep(0.1)
+                allocation_list = []
+                for _ in processes:  # each writer sends its page allocations as it ends
+                    while True:
+                        _raise_writer_failure(processes, errors)
+                        try:
+                            allocation_list.extend(allocations.get(timeout=0.2))
+                            break
+                        except queue.Empty:
+                            continue
+                for process in processes:
+                    process.join()
+                self.finalize(allocation_list)
+            finally:
+                for process in processes:
+                    if process.is_alive():
+                        process.terminate()
+                        process.join(timeout=5)
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+    return WatchedWriter
+
+
+def _report_failure(target, errors, *args) -> None:
+    """A writer process's body: ffcv's, with what stopped it sent to the parent instead of printed as a traceback."""
+    try:
+        target(*args)
+    except BaseException as err:  # noqa: BLE001 - the parent decides what to say
+        errors.put((type(err).__name__, getattr(err, "errno", None), getattr(err, "strerror", None), str(err)))
+        raise SystemExit(1) from None
+
+
+def _raise_writer_failure(processes: list, errors) -> None:
+    """Raise a writer's error, or say which writer ended without finishing."""
+    if not errors.empty():
+        name, code, strerror, text = errors.get()
+        if code is not None:
+            raise OSError(code, strerror or text)
+        raise UserError(f"an FFCV writer process failed: {name}: {text}")
+    for process in processes:
+        if process.exitcode not in (None, 0):
+            raise UserError(f"an FFCV writer process ended with exit code {process.exitcode} (killed: out of "
+                            f"memory?) before its samples were written")
 
 
 def _check(data: SourceData, val: int, jpeg_quality: int | None) -> None:
@@ -130,15 +223,52 @@ def _check(data: SourceData, val: int, jpeg_quality: int | None) -> None:
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    from vpn_dist.observe import make_output_dir
-
+    """Refuse to overwrite a complete set without --force. With it, the old set stays whole until the new files are
+    (see write_dataset): a failure on the way (a full disk) leaves the old set usable."""
     meta_path = out_dir / "meta.json"
     if meta_path.exists() and not force:
         raise UserError(f"{out_dir} already holds a prepared data set (meta.json); pass --force to overwrite")
-    make_output_dir(out_dir, "--out")
-    if force:  # meta first: from here on the old set no longer looks complete
-        for name in ["meta.json"] + [f"{s}.beton" for s in SPLITS]:
-            (out_dir / name).unlink(missing_ok=True)
+
+
+def _replace_set(out_dir: Path, finished: dict[str, Path]) -> list[Path]:
+    """Put the new splits in place of an old set's: meta.json goes first (from then on the old set no longer looks
+    complete), then each rename, and old splits the new set lacks are removed. Renames need no space."""
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    written = []
+    for name in SPLITS:
+        final = out_dir / f"{name}.beton"
+        if name in finished:
+            os.replace(finished[name], final)
+            written.append(final)
+        else:
+            final.unlink(missing_ok=True)
+    return written
+
+
+def _check_written(path: Path, split: str, count: int, data: SourceData, jpeg_quality: int | None) -> None:
+    """The file ffcv wrote reads back whole: a write the disk cut short without an error (a short write of the last
+    page) would otherwise become a set that looks complete."""
+    from vpn_dist.data import check_beton
+
+    meta = {"splits": {split: count}, "storage": "raw" if jpeg_quality is None else "jpeg",
+            "has_mask": data.train_mask is not None, "shape": list(data.train_x.shape[1:]),
+            "num_classes": len(data.class_names)}
+    try:
+        check_beton(path, meta, split)
+    except UserError as err:
+        free = free_space(path)
+        raise UserError(f"{split}.beton was not written whole ({size_text(free) if free is not None else '?'} free "
+                        f"on its file system): {str(err).split('; prepare')[0]}") from None
+
+
+def _check_space(out_dir: Path, parts: dict, num_workers: int, force: bool) -> None:
+    """Refuse, before anything is written, a set that will not fit in the free space of --out's file system."""
+    need = sum(beton_bytes(x, m, num_workers) for x, _, m in parts.values())
+    free = free_space(out_dir)
+    if free is not None and free < need:
+        kept = " (with --force the old set stays until the new one is whole)" if force else ""
+        raise UserError(f"--out {out_dir}: the .beton files need about {size_text(need)}, but its file system has "
+                        f"{size_text(free)} free{kept}; free space there or choose another --out")
 
 
 def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: str, val: int = 0,
@@ -161,45 +291,53 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
              for name, idx in splits.items()}
     parts["test"] = (data.test_x, data.test_y, data.test_mask)
     mean, std = channel_stats(parts["train"][0])
+    _check_space(out_dir, parts, num_workers, force)
 
-    _prepare_out_dir(out_dir, force)
-    written: list[Path] = []
-    temp_paths: list[Path] = []
-    try:
-        for name, (x, y, m) in parts.items():
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".partial")
-            os.close(fd)
+    from vpn_dist.lock import hold_directory
+
+    with hold_directory(out_dir, "--out"):  # one writer at a time: a second prep into --out is refused
+        _prepare_out_dir(out_dir, force)
+        written: list[Path] = []
+        temp_paths: list[Path] = []
+        finished: dict[str, Path] = {}
+        try:
+            for name, (x, y, m) in parts.items():
+                fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".partial")
+                os.close(fd)
+                temp_paths.append(Path(tmp))
+                print(f"writing {name}: {len(y)} images", flush=True)
+                try:
+                    write_beton(Path(tmp), x, y.astype(np.int64), m, jpeg_quality=jpeg_quality, num_workers=num_workers)
+                except OSError as err:  # named by the file it was to become (the temporary one is removed below)
+                    raise OSError(err.errno, err.strerror or str(err), str(out_dir / f"{name}.beton")) from None
+                _check_written(Path(tmp), name, len(y), data, jpeg_quality)
+                os.chmod(tmp, _file_mode())  # mkstemp makes 0600
+                finished[name] = Path(tmp)
+            written = _replace_set(out_dir, finished)
+            meta = {
+                "num_classes": len(data.class_names),
+                "class_names": list(data.class_names),
+                "shape": list(data.train_x.shape[1:]),
+                "splits": {name: int(len(parts[name][1])) if name in parts else 0 for name in SPLITS},
+                "mean": mean,
+                "std": std,
+                "source_kind": source_kind,
+                "source_checksum": data.checksum,
+                "storage": "raw" if jpeg_quality is None else "jpeg",
+                "jpeg_quality": jpeg_quality,
+                "has_mask": data.train_mask is not None,
+                "fields": ["image", "label"] + (["mask"] if data.train_mask is not None else []),
+                "val_seed": seed,
+                **(extra_meta or {}),
+            }
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".meta.", suffix=".partial")
             temp_paths.append(Path(tmp))
-            print(f"writing {name}: {len(y)} images", flush=True)
-            write_beton(Path(tmp), x, y.astype(np.int64), m, jpeg_quality=jpeg_quality, num_workers=num_workers)
-            os.chmod(tmp, _file_mode())  # mkstemp makes 0600
-            final = out_dir / f"{name}.beton"
-            os.replace(tmp, final)
-            written.append(final)
-        meta = {
-            "num_classes": len(data.class_names),
-            "class_names": list(data.class_names),
-            "shape": list(data.train_x.shape[1:]),
-            "splits": {name: int(len(parts[name][1])) if name in parts else 0 for name in SPLITS},
-            "mean": mean,
-            "std": std,
-            "source_kind": source_kind,
-            "source_checksum": data.checksum,
-            "storage": "raw" if jpeg_quality is None else "jpeg",
-            "jpeg_quality": jpeg_quality,
-            "has_mask": data.train_mask is not None,
-            "fields": ["image", "label"] + (["mask"] if data.train_mask is not None else []),
-            "val_seed": seed,
-            **(extra_meta or {}),
-        }
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".meta.", suffix=".partial")
-        temp_paths.append(Path(tmp))
-        with os.fdopen(fd, "w") as fh:
-            json.dump(meta, fh, indent=2)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, out_dir / "meta.json")
-    except BaseException:
-        for path in temp_paths + written:
-            path.unlink(missing_ok=True)
-        raise
-    return meta
+            with os.fdopen(fd, "w") as fh:
+                json.dump(meta, fh, indent=2)
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, out_dir / "meta.json")
+        except BaseException:
+            for path in temp_paths + written:
+                path.unlink(missing_ok=True)
+            raise
+        return meta

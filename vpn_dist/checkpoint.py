@@ -1,6 +1,7 @@
 """Checkpoints: one directory per epoch, `RUN_DIR/checkpoints/epoch_NNNN/state.pt`, in and out of Ray."""
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from vpn_dist.errors import UserError
+from vpn_dist.observe import write_atomic
 
 STATE_FILE = "state.pt"
 STATE_KEYS = ("epoch", "base", "generator", "optimizer", "scheduler", "scaler", "scaler_skipped", "history", "meta")
@@ -20,11 +22,21 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def write_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
-    """Write state.pt under a temporary name, then rename: a crash never leaves a checkpoint that looks whole."""
+    """Write state.pt under a temporary name, then rename: a crash never leaves a checkpoint that looks whole, and a
+    write that fails (a full disk) leaves neither a partial file nor an empty epoch directory behind.
+
+    The state is serialized in memory first: torch.save's own file writer reports a failed write as a RuntimeError
+    without its cause, where a plain write raises the OSError (ENOSPC, EDQUOT, EIO) an operator can act on."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(directory / STATE_FILE)
+    try:
+        write_atomic(directory / STATE_FILE, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
 
 
@@ -101,6 +113,26 @@ def load_latest(run_dir: str | Path, set_aside: bool = False) -> dict[str, Any] 
             print(f"resuming from {directory}, the newest checkpoint that reads back whole", flush=True)
         return state
     return None
+
+
+def set_aside_unreadable(run_dir: str | Path) -> None:
+    """--resume, once every check has passed: move each checkpoint newer than the newest one that reads back whole to
+    checkpoints/unreadable-epoch_NNNN, so the resumed run writes that epoch afresh and every later reader finds the
+    same checkpoint."""
+    for directory in reversed(checkpoints(run_dir)):
+        if _readable(directory):
+            return
+        aside = directory.with_name(f"unreadable-{directory.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        directory.rename(aside)
+        # Ray Train's list of the checkpoints it was given names the moved one, and Ray would refuse to start;
+        # without the list Ray starts a new one (this module finds checkpoints by their directories)
+        (Path(run_dir) / "checkpoints" / RAY_SNAPSHOT).unlink(missing_ok=True)
+        print(f"moved {directory} to {aside}", flush=True)
+
+
+def has_readable_checkpoint(run_dir: str | Path) -> bool:
+    return any(_readable(directory) for directory in checkpoints(run_dir))
 
 
 def drop_unreadable(run_dir: str | Path) -> bool:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 from vpn_dist.config import MODES, PRESETS
-from vpn_dist.errors import TrainingFailed, UserError
+from vpn_dist.errors import Interrupted, TrainingFailed, UserError, os_error_text
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,17 +132,57 @@ def main(argv: list[str] | None = None) -> int:
 
         local_ray_environment()
     args = build_parser().parse_args(argv)
+    with clean_stops():
+        try:
+            return args.handler(args) or 0
+        except UserError as err:  # one line, even when a library's message had several
+            print(f"vpn-dist {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        except FloatingPointError as err:  # a diverged run: say where, without a traceback
+            print(f"vpn-dist {args.command}: training diverged: {err}", file=sys.stderr)
+            return 1
+        except TrainingFailed as err:
+            print(f"vpn-dist {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        except OSError as err:  # the machine, not the input: a full disk, a read-only mount, a vanished file
+            print(f"vpn-dist {args.command}: error: {os_error_text(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the `finally`s on the way here removed temporary files
+            signum = getattr(err, "signum", signal.SIGINT)
+            print(f"vpn-dist {args.command}: error: {' '.join(str(err).split()) or 'interrupted (Ctrl-C)'}",
+                  file=sys.stderr)
+            return 128 + signum
+
+
+@contextlib.contextmanager
+def clean_stops():
+    """For the command's life: SIGTERM unwinds like Ctrl-C (Python's default ends the process on the spot, leaving
+    temporary files and FFCV's shared memory behind), and a background thread's error that its owner re-raises in
+    the main thread (TensorBoard's writer keeps it for the next call) is reported there once, as one line, instead of
+    also as the thread's traceback."""
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != main_pid:  # a forked helper (a decode pool, an FFCV writer) just ends
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted("terminated (SIGTERM)", signum)
+
+    def thread_error(hook_args):
+        if getattr(hook_args.thread, "exception", None) is hook_args.exc_value:
+            return  # kept by the thread for its owner to raise
+        default_hook(hook_args)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    default_hook, threading.excepthook = threading.excepthook, thread_error
     try:
-        return args.handler(args) or 0
-    except UserError as err:  # one line, even when a library's message had several
-        print(f"vpn-dist {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # a diverged run: say where, without a traceback
-        print(f"vpn-dist {args.command}: training diverged: {err}", file=sys.stderr)
-        return 1
-    except TrainingFailed as err:
-        print(f"vpn-dist {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        yield
+    finally:
+        threading.excepthook = default_hook
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

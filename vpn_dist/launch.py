@@ -5,8 +5,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,10 +20,12 @@ from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import (RunConfig, apply_overrides, from_dict, load_yaml, preset, resolved_gamma, save_yaml,
                              validate)
 from vpn_dist.data import check_data
-from vpn_dist.errors import TrainingFailed, UserError
+from vpn_dist.errors import Interrupted, TrainingFailed, UserError, os_error_text
 from vpn_dist.evaluate import eval_loaders, evaluate_splits
-from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.train import autocast_for, build_models, pick_device, train_loop, trained_base
+from vpn_dist.lock import hold_directory
+from vpn_dist.observe import write_json_atomic
+from vpn_dist.train import (autocast_for, build_models, check_batch_size, check_resumable, pick_device, train_loop,
+                            trained_base)
 
 
 def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None,
@@ -41,23 +45,68 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
         if cfg.vpn.mode == "generator-only":  # the trained base must be there before RUN_DIR is
             trained_base(cfg)
     cfg.vpn.gamma = resolved_gamma(cfg, meta["num_classes"])  # the paper's gamma, written out in config.yaml
-    if resume:
-        done = ckpt.load_latest(run_dir, set_aside=True)
-        if done is None:
-            raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
-        if done["epoch"] >= cfg.train.epochs:
-            raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of {cfg.train.epochs} epochs")
-    elif not ckpt.drop_unreadable(run_dir):  # a run that stopped before its first checkpoint simply starts again
-        raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
-    make_output_dir(run_dir, "run directory")
-    save_yaml(cfg, run_dir / "config.yaml")
+    check_local_devices(cfg)
+    check_batch_size(cfg, meta)
+    # Every check before the first write: a refused run leaves RUN_DIR as it was (config.yaml included).
+    with hold_directory(run_dir, "run directory"):  # one process at a time in RUN_DIR, for the run's life
+        done = None
+        if resume:
+            done = ckpt.load_latest(run_dir)
+            if done is None:
+                raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
+            if done["epoch"] >= cfg.train.epochs:
+                raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of "
+                                f"{cfg.train.epochs} epochs")
+            check_resumable(cfg, meta, done, ckpt.latest_checkpoint(run_dir))
+        elif ckpt.has_readable_checkpoint(run_dir):  # a run that stopped before its first checkpoint starts again
+            raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
+        need = ray_resources(cfg) if cfg.dist.workers else None
+        with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker, need=need) if need else \
+                contextlib.nullcontext():
+            try:
+                if resume:
+                    ckpt.set_aside_unreadable(run_dir)
+                else:
+                    ckpt.drop_unreadable(run_dir)
+                save_yaml(cfg, run_dir / "config.yaml")
+                invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
+                if cfg.dist.workers == 0:
+                    return train_loop(cfg, invocation=invocation)
+                write_storage_marker(run_dir, invocation)
+                run_on_ray(cfg, invocation, ray_callbacks or [], verbose)
+            except OSError as err:  # a full disk, a file system gone read-only: what survives, and how to go on
+                if err.filename is None:  # TensorBoard's writer says what failed, not where: in RUN_DIR
+                    err = OSError(err.errno, err.strerror or str(err), str(run_dir))
+                raise TrainingFailed(f"{os_error_text(err)}; {way_on(run_dir)}") from None
+            except Interrupted as err:
+                raise Interrupted(f"{err}; {way_on(run_dir)}", err.signum) from None
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted (Ctrl-C); {way_on(run_dir)}") from None
+        return json.loads((run_dir / "metrics.json").read_text())
 
-    invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
-    if cfg.dist.workers == 0:
-        return train_loop(cfg, invocation=invocation)
-    write_storage_marker(run_dir, invocation)
-    run_on_ray(cfg, invocation, ray_callbacks or [], verbose)
-    return json.loads((run_dir / "metrics.json").read_text())
+
+def check_local_devices(cfg: RunConfig) -> None:
+    """A GPU asked of this machine must be here: refuse before anything starts, rather than train on the CPU unasked
+    or wait for a device that will not come. (Ray workers' GPUs: `check_resources`.)"""
+    if cfg.dist.workers == 0 and (cfg.train.device == "cuda" or cfg.dist.gpu) and not torch.cuda.is_available():
+        asked = "train.device is cuda" if cfg.train.device == "cuda" else "--gpu (dist.gpu) without --workers"
+        raise UserError(f"{asked}, but this machine has no GPU that PyTorch can use "
+                        f"(torch.cuda.is_available() is false{_visible_devices()}); drop --gpu and set "
+                        f"train.device=cpu to train on the CPU, or run where a GPU is")
+
+
+def _visible_devices() -> str:
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f", CUDA_VISIBLE_DEVICES={shown!r}" if shown is not None else ""
+
+
+def way_on(run_dir: Path) -> str:
+    """After a run stopped part-way: which checkpoint is whole, and the command that continues from it."""
+    state = ckpt.load_latest(run_dir)
+    if state is None:
+        return f"no epoch was checkpointed: start it again with the same command (--out {run_dir})"
+    return (f"the run's checkpoints up to epoch {state['epoch']} are whole: continue with "
+            f"`vpn-dist train --resume {run_dir}`")
 
 
 def local_ray_environment() -> None:
@@ -68,29 +117,176 @@ def local_ray_environment() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int = 0):
+def ray_session(num_cpus: int = 0, need: dict[str, float] | None = None):
     """Ray for the `with` block: join the cluster at RAY_ADDRESS, or start a local Ray on loopback with at least
     `num_cpus` CPUs. At the end it stops only what it started: ray.shutdown() leaves a cluster running, and a Ray
     this process was already connected to (a Tune trial, an outer session) stays connected.
+
+    need: what one job will ask Ray for (e.g. {"CPU": 4, "GPU": 2}): checked against this machine before a local Ray
+    starts, and against the cluster once joined, so a request Ray could never place is refused with what there is
+    instead of waiting for ever. A cluster that names no reachable Ray is refused within CLUSTER_WAIT_S.
 
     Enter it before anything imports Ray (a local Ray reads its loopback settings at import)."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield
         return
-    local = not os.environ.get("RAY_ADDRESS")
-    if local:
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
         local_ray_environment()
+        num_cpus = max(os.cpu_count() or 1, num_cpus)
+        check_resources(need, local_resources(num_cpus), "this machine", "")
     import ray
 
-    if local:
-        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 num_cpus=max(os.cpu_count() or 1, num_cpus))
-    else:
-        ray.init()
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
+        if not address:
+            ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=num_cpus)
+        else:
+            join_cluster(address)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init installs its own; the CLI's cleans up on the way out
+    try:
+        if address:
+            check_cluster(need, address)
         yield
     finally:
         ray.shutdown()
+
+
+CLUSTER_WAIT_S = float(os.environ.get("VPN_DIST_CLUSTER_WAIT_S", "10"))  # for RAY_ADDRESS to answer
+
+
+def local_resources(num_cpus: int = 0) -> dict[str, float]:
+    """What a local Ray started here would have (it counts the GPUs CUDA shows, as PyTorch does)."""
+    return {"CPU": max(os.cpu_count() or 1, num_cpus), "GPU": torch.cuda.device_count()}
+
+
+def check_request(need: dict[str, float], what: str = "each run") -> None:
+    """Before a command writes anything that depends on Ray (a sweep's or a grid's OUT): a local Ray could meet
+    `need`, or RAY_ADDRESS answers (its resources are checked once joined, in ray_session)."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        cluster_target(address)
+    else:
+        check_resources(need, local_resources(), "this machine", "", what)
+
+
+def join_cluster(address: str) -> None:
+    """ray.init() at RAY_ADDRESS, refused within CLUSTER_WAIT_S when nothing answers there. Ray itself would retry
+    for a minute and more (a GCS address), or longer (`auto` finding a stale cluster), before it gave up."""
+    import ray
+
+    cluster_target(address)
+    try:
+        ray.init()
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a version mismatch, a port that is not Ray's, ...
+        raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {_first_line(err)}; "
+                        f"{CLUSTER_FIX}") from None
+
+
+CLUSTER_FIX = ("set RAY_ADDRESS to the cluster's GCS address (HEAD:6379), submit with `ray job submit`, or unset "
+               "RAY_ADDRESS to run on a local Ray")
+
+
+def cluster_target(address: str) -> str:
+    """HOST:PORT of the cluster RAY_ADDRESS names, once something answers there within CLUSTER_WAIT_S."""
+    fix = CLUSTER_FIX
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"RAY_ADDRESS={address} is a Ray dashboard/Jobs API address (what `ray job submit` "
+                        f"takes), not a cluster to join: {fix}")
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup of a local cluster
+
+        try:
+            target = canonicalize_bootstrap_address("auto")
+        except Exception as err:  # noqa: BLE001 - Ray's lookup of a local cluster raises what it meets
+            raise UserError(f"RAY_ADDRESS=auto finds no running Ray cluster on this machine ({_first_line(err)}): "
+                            f"{fix}") from None
+        if target is None:
+            raise UserError(f"RAY_ADDRESS=auto finds no running Ray cluster on this machine: {fix}")
+    else:
+        target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"RAY_ADDRESS={address} is not a Ray address (HOST:PORT, ray://HOST:PORT or auto): {fix}")
+    if not _answers(host.strip("[]"), int(port), CLUSTER_WAIT_S):
+        raise UserError(f"RAY_ADDRESS={address}: nothing answers at {host}:{port} (waited {CLUSTER_WAIT_S:g} s; "
+                        f"a stale export, or the cluster is down): {fix}")
+    return target
+
+
+def _answers(host: str, port: int, wait_s: float) -> bool:
+    """Something accepts a TCP connection at host:port within wait_s (retried: a head node may be starting)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.5, min(3.0, deadline - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def ray_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one Ray Train run of cfg reserves altogether."""
+    need = {"CPU": cfg.dist.workers * cfg.dist.cpus_per_worker}
+    if cfg.dist.gpu:
+        need["GPU"] = cfg.dist.workers * cfg.dist.gpus_per_worker
+    return need
+
+
+def check_cluster(need: dict[str, float] | None, address: str) -> None:
+    """On a joined cluster: the most it can hold (an autoscaling cluster's configured maximum) must meet `need`. A
+    cluster whose autoscaler publishes no maximum is given the benefit of the doubt (Ray waits for its new nodes)."""
+    if not need:
+        return
+    import ray
+    from ray._private import state
+
+    try:
+        most = state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older cluster without the autoscaler's record
+        most = None
+    if most is None and _has_autoscaler():
+        return
+    have = most if most is not None else ray.cluster_resources()
+    check_resources(need, have, f"the Ray cluster at {address}",
+                    " at its largest" if most is not None else "")
+
+
+def _has_autoscaler() -> bool:
+    """The cluster runs Ray's autoscaler (it publishes its status), so nodes it lacks now may come."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        return bool(_internal_kv_get("__autoscaling_status"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_resources(need: dict[str, float] | None, have: dict[str, float], where: str, qualifier: str,
+                    what: str = "each run") -> None:
+    """Refuse a request `where` cannot meet, naming what it has."""
+    short = {k: v for k, v in (need or {}).items() if v > 0 and have.get(k, 0) + 1e-9 < v}
+    if not short:
+        return
+    asked = ", ".join(f"{_amount(v)} {k}" for k, v in short.items())
+    has = ", ".join(f"{_amount(have.get(k, 0))} {k}" for k in short)
+    gpu = "GPU" in short
+    way = ("drop --gpu (or --gpus-per-trial) to train on CPUs, or run where the GPUs are" if gpu else
+           "ask for fewer workers or CPUs per worker (--workers, --cpus-per-worker), or add nodes")
+    raise UserError(f"{what} needs {asked}, but {where} has {has}{qualifier}: {way}")
+
+
+def _amount(value: float) -> str:
+    return f"{value:g}"
 
 
 def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool = False) -> None:
@@ -268,7 +464,11 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | 
                               gamma=resolved_gamma(cfg, num_classes), bound=cfg.vpn.bound, C=cfg.vpn.C,
                               autocast=autocast_for(cfg.train.amp, device), top_k=cfg.train.alg2_top_k)
     result["alg2_top_k"] = cfg.train.alg2_top_k
-    write_json_atomic(run_dir / "eval.json", result)
+    try:
+        write_json_atomic(run_dir / "eval.json", result)
+    except OSError as err:  # a finished run on a read-only share: the results still count, printed only
+        print(f"note: {run_dir / 'eval.json'} was not written ({err.strerror or err}); the results are printed only",
+              file=sys.stderr, flush=True)
     return result
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,38 @@ def make_output_dir(path: Path, what: str) -> None:
     except OSError as err:
         raise UserError(f"{what} {path} cannot be created: {err.strerror or err}") from None
     if not os.access(path, os.W_OK | os.X_OK):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise UserError(f"{what} {path} is on a read-only file system: write elsewhere (a copy on writable "
+                            f"storage), or remount it read-write")
         raise UserError(f"{what} {path} is not writable")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write under a temporary name, then rename: a reader never sees a half-written file, and a write that fails
+    (a full disk) leaves the old file whole and no temporary one behind."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` writes the whole file at tmp, a name of its own in path's directory (two processes writing the
+    same file never share one); then the rename. On any failure, Ctrl-C included, tmp is removed."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would give
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -76,10 +101,14 @@ def figure4(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, path: Path 
                 ax.set_ylabel(title)
     fig.tight_layout()
     if path is not None:
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        save_figure(fig, path, dpi=100)
     return fig
+
+
+def save_figure(fig, path: Path, **savefig_args) -> Path:
+    """fig.savefig to path through a temporary name (removed when the write fails)."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **savefig_args))
+    return path
 
 
 def figure4_panels(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -154,9 +183,14 @@ class RunLog:
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         self.writer.add_hparams(hparams, scalars, run_name="hparams")
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """failing: the run is stopping on an error (a full disk, say) that this close would only repeat."""
         if self.writer:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError:
+                if not failing:
+                    raise
 
 
 class EpochProgress:

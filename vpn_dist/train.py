@@ -183,14 +183,18 @@ def train_loop(cfg: RunConfig, *, using_ray: bool = False, invocation: str | Non
     invocation: one id per `vpn-dist train` call, shared by the restarts Ray makes after a worker failure.
     """
     run = setup_run(cfg, using_ray, invocation)
-    for epoch in range(run.start_epoch, cfg.train.epochs):
-        epoch_start = time.perf_counter()
-        metrics = train_epoch(run, epoch)
-        end_epoch(run, metrics, epoch_start)
-    final = summarize(cfg, run.history, run.run_dir)
-    if run.worker.rank == 0:
-        write_json_atomic(run.run_dir / "metrics.json", final)
-        run.log.hparams(hparams_of(cfg, run.gamma), final)
+    try:
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            epoch_start = time.perf_counter()
+            metrics = train_epoch(run, epoch)
+            end_epoch(run, metrics, epoch_start)
+        final = summarize(cfg, run.history, run.run_dir)
+        if run.worker.rank == 0:
+            write_json_atomic(run.run_dir / "metrics.json", final)
+            run.log.hparams(hparams_of(cfg, run.gamma), final)
+    except BaseException:
+        run.log.close(failing=True)  # its event file closed now, not at exit: the run directory can be unmounted
+        raise
     run.log.close()
     return final
 
@@ -254,15 +258,7 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     state = ckpt.load_latest(run_dir)
     start_epoch, history, scaler_skipped = 0, [], 0
     if state is not None:
-        where = ckpt.latest_checkpoint(run_dir)
-        ckpt.restore_models(state, base, generator, where=where)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            raise UserError(f"{where}: its optimizer state does not fit this run ({type(err).__name__}: {err})") \
-                from None
+        restore_state(state, ckpt.latest_checkpoint(run_dir), base, generator, optimizer, scheduler, scaler)
         start_epoch, history, scaler_skipped = state["epoch"], state["history"], state["scaler_skipped"]
     if cfg.vpn.mode == "generator-only":
         base.eval()  # frozen base: BatchNorm statistics stay those of the trained model too
@@ -296,6 +292,58 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
                scaler_skipped=scaler_skipped, global_step=start_epoch * len(train_batches))
 
 
+def restore_state(state: dict[str, Any], where: Path | None, base: nn.Module, generator: nn.Module | None,
+                  optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """A checkpoint's weights and optimizer, scheduler and scaler state into a freshly set-up run; a UserError when
+    they do not fit it (another model, optimizer or precision than the checkpoint's)."""
+    ckpt.restore_models(state, base, generator, where=where)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{where}: its optimizer state does not fit this run ({type(err).__name__}: {err})") from None
+
+
+def check_resumable(cfg: RunConfig, meta: dict[str, Any], state: dict[str, Any], where: Path | None) -> None:
+    """--resume, before anything is written: the checkpoint must fit the run as now configured (data, models,
+    optimizer, precision), so a refused override leaves config.yaml, and the run, as they were. The same restore the
+    run itself will do, into models built on the CPU."""
+    trained = state["meta"]
+    if list(trained["shape"]) != list(meta["shape"]) or trained["num_classes"] != meta["num_classes"]:
+        raise UserError(f"{where} was trained on images of shape {trained['shape']} with {trained['num_classes']} "
+                        f"classes; data {cfg.data.path} has {meta['shape']} and {meta['num_classes']}")
+    cpu = torch.device("cpu")
+    base, generator = build_models(cfg, meta, cpu)
+    if cfg.vpn.mode == "generator-only":
+        base.requires_grad_(False)
+    trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
+    optimizer, scheduler = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
+    scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.amp == "fp16")  # "auto" never resolves to fp16
+    restore_state(state, where, base, generator, optimizer, scheduler, scaler)
+
+
+def uses_batchnorm(modules: list[nn.Module]) -> bool:
+    return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for mod in modules for layer in mod.modules())
+
+
+def check_batch_size(cfg: RunConfig, meta: dict[str, Any]) -> None:
+    """BatchNorm in training needs two images per batch (one image at a 1x1 feature map is a single value per channel,
+    which BatchNorm refuses): refuse a run whose every batch holds one image before it starts. A last batch of one is
+    left out of its epoch instead (train_epoch)."""
+    shard = -(-meta["splits"]["train"] // max(cfg.dist.workers, 1))  # each rank's images per epoch
+    if min(cfg.train.batch_size, shard) > 1:
+        return
+    with torch.device("meta"):  # shapes only: nothing allocated
+        base, generator = build_models(cfg, meta, torch.device("meta"))
+    trains = [generator] if cfg.vpn.mode == "generator-only" else [base, generator]
+    if uses_batchnorm([mod for mod in trains if mod is not None]):
+        raise UserError(f"the BatchNorm layers of {cfg.model.base}/{cfg.model.generator} need at least 2 images per "
+                        f"batch in training, and this run has one (train.batch_size {cfg.train.batch_size}, "
+                        f"{shard} train image(s) per worker): give --set train.batch_size=2 or more, and at least 2 "
+                        f"train images per worker")
+
+
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """One epoch of Algorithm 1 over this rank's shard; returns the epoch's training metrics."""
     cfg, vpn, rank = run.cfg, run.cfg.vpn, run.worker.rank
@@ -314,8 +362,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     rows = 0
     progress = run.log.progress(epoch + 1, len(run.train_batches), run.worker.world_size)
     start = time.perf_counter()
+    batchnorm = uses_batchnorm(run.trainable)
     for step, (x, y) in enumerate(run.train_batches):
         maybe_inject_fault(cfg, run.run_dir, rank, epoch, step)
+        if batchnorm and len(y) == 1:
+            # BatchNorm cannot normalise one image (a single value per channel at small feature maps). Every rank
+            # holds the same number of images per step, so all ranks leave this step out together.
+            continue
         with run.autocast:
             logits, loss = step_loss(base, generator, x, y, vpn, run.gamma)
         optimizer.zero_grad(set_to_none=True)

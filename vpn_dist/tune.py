@@ -17,6 +17,7 @@ The jobs live in vpn_dist/sweep/: space (load and check), driver (run trials on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vpn_dist.errors import UserError
+from vpn_dist.launch import check_request
+from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.sweep import driver, report
 from vpn_dist.sweep.space import (Space, SweepSettings, check_space, dataset_table, load_space, max_epochs,
@@ -53,18 +56,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    with hold_directory(out, "--out"):  # one sweep driver at a time in OUT
+        return _sweep(args, out)
+
+
+def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
-    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
-    if settings.gpu:
-        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
-    trials = driver.run_trials(
-        functools.partial(run_trial, settings=settings),
-        dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
-        resume=args.resume, max_concurrent=args.max_concurrent, train_resources=train_resources,
-        asha={"time_attr": "epoch", "max_t": settings.max_epochs,
-              "grace_period": min(settings.grace_period, settings.max_epochs),
-              "reduction_factor": settings.reduction_factor},
-        metric=settings.metric, num_samples=settings.samples)
+    train_resources = _train_resources(settings)
+    try:
+        trials = driver.run_trials(
+            functools.partial(run_trial, settings=settings),
+            dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
+            resume=args.resume, max_concurrent=args.max_concurrent, train_resources=train_resources,
+            asha={"time_attr": "epoch", "max_t": settings.max_epochs,
+                  "grace_period": min(settings.grace_period, settings.max_epochs),
+                  "reduction_factor": settings.reduction_factor},
+            metric=settings.metric, num_samples=settings.samples)
+    except UserError:
+        if not args.resume and not (out / "tune").exists():  # refused (by the cluster) before Tune began: undo _new
+            (out / "sweep.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / "trials").rmdir()
+        raise
     rows = report.collect_rows(trials, out, settings.max_epochs)
     report.write_results(rows, out, space=settings.space, metric=settings.metric)
     unfinished = [r for r in rows if r["status"] in report.UNFINISHED]
@@ -73,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
               f"and --resume", flush=True)
         return 130
     return 0
+
+
+def _train_resources(settings: SweepSettings) -> dict[str, float]:
+    """What one trial's Ray Train workers reserve altogether."""
+    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
+    if settings.gpu:
+        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
+    return train_resources
 
 
 def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
@@ -99,6 +120,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
     print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
+    check_request(_train_resources(settings), "each trial")  # a request Ray could never meet writes nothing
     make_output_dir(out / "trials", "--out")
     write_json_atomic(out / "sweep.json", {"space_arg": args.space, "settings": settings.to_dict(),
                                            "started": time.time()})

@@ -24,6 +24,8 @@ from typing import Any
 
 from vpn_dist.checkpoint import checkpoints
 from vpn_dist.errors import UserError
+from vpn_dist.launch import check_request
+from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.reproduce.grid import Plan, Run, check_plan, data_fingerprint, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary,
@@ -64,6 +66,11 @@ def _names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    with hold_directory(out, "--out"):  # one grid driver at a time in OUT
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     if args.report_only:
         return _report_only(out)
     plan = _resumed_plan(args, out) if args.resume else _new_plan(args, out)
@@ -95,10 +102,16 @@ def run(args: argparse.Namespace) -> int:
         train_resources["GPU"] = plan.gpus_per_trial
     if order:
         trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
-        trials = driver.run_trials(
-            trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
-            train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
-            ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
+        try:
+            trials = driver.run_trials(
+                trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
+                train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
+                ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
+        except UserError:
+            if not args.resume and not list(out.glob("tune-*")):  # refused (by the cluster) before any trial
+                for name in ("reproduce.json", "runs.csv", "curves.csv"):  # what this new grid wrote
+                    (out / name).unlink(missing_ok=True)
+            raise
         for t in trials:  # a trial that died before any report still gets its row
             state.record(by_id[t.config["run_id"]], t.status, report=False)
     state.save(report=True)
@@ -226,6 +239,7 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
     if args.cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     check_plan(plan)
+    check_request({"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial}, "each run")  # before anything is written
     make_output_dir(out, "--out")
     _save_plan(out, plan)
     return plan

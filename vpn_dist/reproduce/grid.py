@@ -180,8 +180,25 @@ def check_plan(plan: Plan) -> None:
         raise UserError("the grid is empty: no table row matches --bases/--generators/--modes")
     for run in runs:  # every run's config must be valid before the first one starts
         run_config(plan, run, Path("/nonexistent"))
-    for path in plan.data.values():  # damaged data stops the grid before any run
-        check_data(path)
+    for label, path in plan.data.items():  # damaged data stops the grid before any run
+        check_paper_data(label, path, check_data(path))
+
+
+# What the paper's tables were measured on (paper 4.1): a set labelled as one of these must be that data set, or its
+# results would be reported beside numbers from other data.
+PAPER_DATA = {"fashion-mnist": (10, [1, 28, 28]), "cifar10": (10, [3, 32, 32]), "tiny-imagenet": (200, [3, 64, 64])}
+
+
+def check_paper_data(label: str, path: str, meta: dict[str, Any]) -> None:
+    if label not in PAPER_DATA:
+        return
+    classes, shape = PAPER_DATA[label]
+    if meta["num_classes"] != classes or list(meta["shape"]) != shape:
+        shown = "x".join(map(str, meta["shape"]))
+        raise UserError(f"--data {path} was prepared as {label} but holds {meta['num_classes']} classes of {shown} "
+                        f"images; the paper's {label} has {classes} classes of {'x'.join(map(str, shape))}, and its "
+                        f"numbers would be reported beside results from other data: prepare the whole set "
+                        f"(`vpn-dist prep {label} --source ...`, no --size)")
 
 
 def grid(plan: Plan) -> list[Run]:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from vpn_dist.observe import write_text_atomic
+from vpn_dist.observe import save_figure, write_text_atomic
 from vpn_dist.reproduce.grid import Plan, Run, paper_numbers
 from vpn_dist.reproduce.stats import ALPHA, POWER, Comparison, compare, judge
 
@@ -423,10 +423,7 @@ def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], np.nda
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def load_summary(run_dir: Path) -> dict[str, Any] | None:

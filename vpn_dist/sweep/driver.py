@@ -40,7 +40,7 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
     state = out / experiment
-    with ray_session(num_cpus=int(train_resources.get("CPU", 0))):
+    with ray_session(num_cpus=int(train_resources.get("CPU", 0)), need=train_resources):
         import ray
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
