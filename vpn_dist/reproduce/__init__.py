@@ -17,6 +17,7 @@ seed's finished baseline, so it waits for that one while the other slots take th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -101,7 +102,10 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     if plan.gpus_per_trial:
         train_resources["GPU"] = plan.gpus_per_trial
     if order:
-        trial = functools.partial(reproduce_trial, plan=plan, runs_root=runs_root)
+        # trials run in Tune's own working directory: give them the reference grid by an absolute path
+        trial_plan = dataclasses.replace(plan, sigma_from=str(Path(plan.sigma_from).resolve())) \
+            if plan.sigma_from else plan
+        trial = functools.partial(reproduce_trial, plan=trial_plan, runs_root=runs_root)
         try:
             trials = driver.run_trials(
                 trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
