@@ -306,8 +306,8 @@ class FakeTune:
     the lr, so the winners are known), tells the study's callback, and can stop after `stop_after` trials as a
     killed process would (nothing after that is written)."""
 
-    def __init__(self, stop_after: int | None = None, diverge: set[str] = frozenset()):
-        self.stop_after, self.diverge = stop_after, diverge
+    def __init__(self, stop_after: int | None = None, diverge: set[str] = frozenset(), ctrl_c_after: int | None = None):
+        self.stop_after, self.diverge, self.ctrl_c_after = stop_after, diverge, ctrl_c_after
         self.calls: list[dict] = []
         self.trained: list[str] = []
 
@@ -321,6 +321,14 @@ class FakeTune:
             key = params["key"]
             if self.stop_after is not None and len(self.trained) >= self.stop_after:
                 raise Killed  # the process dies: the rest never report
+            if self.ctrl_c_after is not None and len(self.trained) >= self.ctrl_c_after:
+                # Ctrl-C: Tune stops the running trial and calls it complete, its last result not done; the saved
+                # statuses of it and of those not started are PENDING
+                running = SimpleNamespace(config=params, status="RUNNING", trial_id=key, last_result={"epoch": 1})
+                if not trials or trials[-1].status != "PENDING":
+                    callback.on_trial_complete(0, [], running)
+                trials.append(SimpleNamespace(config=params, status="PENDING", trial_id=key, last_result={}))
+                continue
             cfg = configs[key]
             self.trained.append(key)
             epochs = cfg.train.epochs if cfg.train.lr > 0.003 or key.startswith("seeds") else 1  # "ASHA stops"
@@ -338,7 +346,7 @@ class FakeTune:
                                               "lower train.lr")
                 callback.on_trial_error(0, [], t)
             else:
-                t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key)
+                t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key, last_result={"done": True})
                 callback.on_trial_complete(0, [], t)
             trials.append(t)
         return trials
@@ -351,16 +359,25 @@ def test_a_killed_study_resumes_from_trials_csv_without_rerunning_finished_trial
     spec = write_spec(tmp_path / "spec.py", trials=4)
     out = tmp_path / "study"
     argv = ["study", "--spec", str(spec), "--data", str(tiny_data), "--out", str(out)]
-    first = FakeTune(stop_after=3, diverge={"search/vpn/1"})
+    first = FakeTune(ctrl_c_after=2)  # Ctrl-C while trial 2 runs
     monkeypatch.setattr(study_cli.driver, "run_trials", first)
+    assert main(argv) == 130
+    rows = {(r["arm"], r["trial"]): r["status"] for r in csv_rows(out / "trials.csv")}
+    assert rows[("baseline", "2")] == "pending" and rows[("baseline", "3")] == "pending"
+    assert {rows[("baseline", "0")], rows[("baseline", "1")]} <= {"completed", "early-stopped"}
+    assert "interrupted" in capsys.readouterr().out
+
+    second = FakeTune(stop_after=1, diverge={"search/vpn/1"})  # then killed after one more trial
+    monkeypatch.setattr(study_cli.driver, "run_trials", second)
     with pytest.raises(Killed):
-        main(argv)
-    before = {(r["arm"], r["trial"]): r for r in csv_rows(out / "trials.csv")}
-    assert sorted(before) == [("baseline", "0"), ("baseline", "1"), ("baseline", "2")]  # the killed one: no row
+        main(["study", "--out", str(out), "--resume"])
+    assert second.calls[0]["keys"] == ["search/baseline/2", "search/baseline/3"]
+    before = {(r["arm"], r["trial"]): r for r in csv_rows(out / "trials.csv") if r["status"] != "pending"}
+    assert sorted(before) == [("baseline", "0"), ("baseline", "1"), ("baseline", "2")]
 
     lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"study: (baseline|vpn) +#", ln)]
-    assert len(lines) == 3  # one line per finished trial, its parameters, result and the best of each arm
-    assert re.match(r"study: baseline #0 +(sgd|adam) lr \S+ wd \S+ seed 0 \| val 0\.\d{4} after [13]/3 epochs, "
+    assert len(lines) == 1  # one line per finished trial: its parameters, result and the best of each arm so far
+    assert re.match(r"study: baseline #2 +(sgd|adam) lr \S+ wd \S+ seed 2 \| val 0\.\d{4} after [13]/3 epochs, "
                     r"(completed|early-stopped), \d+ s \| best: baseline (0\.\d{4} \(#\d\)|-), vpn -$", lines[0]), lines
 
     second = FakeTune(diverge={"search/vpn/1"})

@@ -234,27 +234,30 @@ class Results:
                   "reduction_factor": self.study.reduction_factor},
             metric="val_acc", callbacks=[self._callback()], asha_history=history, verbose=0,
             ordered=[({"key": f"search/{arm}/{i}"}, set()) for i in pending])
+        return self._record_the_rest(trials, self.rows)
+
+    def _record_the_rest(self, trials: list, rows: dict) -> str:
+        """Rows for the trials the callback did not record (it died before reporting, or never started), from the
+        statuses Tune saved; "interrupted" if any did not finish."""
         interrupted = False
-        for trial in trials:  # the saved statuses: after Ctrl-C the unfinished ones are pending, whatever was said
-            _, _, index = trial.config["key"].split("/")
-            if trial.status in ("TERMINATED", "ERROR"):
-                if self.rows.get((arm, int(index)), {}).get("status") in (None, "pending"):
-                    self.record(trial.config["key"], trial)
-            else:
-                interrupted = True
-                self.record(trial.config["key"], trial, pending=True)
+        for trial in trials:
+            _, arm, n = trial.config["key"].split("/")
+            interrupted |= how_it_ended(trial) == "interrupted"
+            if rows.get((arm, int(n)), {}).get("status") in (None, "pending"):
+                self.record(trial.config["key"], trial)
         self.save()
         return "interrupted" if interrupted else "done"
 
-    def record(self, key: str, trial, pending: bool = False) -> None:
-        """A finished (or, with `pending`, interrupted) run's row, from its metrics.json and Tune's status."""
+    def record(self, key: str, trial) -> None:
+        """A run's row when its trial ended, from its metrics.json and how the trial ended."""
         phase, arm, n = key.split("/")
         n = int(n)
         cfg = self.configs[(arm, n)] if phase == "search" else self.rerun_configs[(arm, n)]
         summary = load_summary(Path(cfg.out))
-        error = report_error(trial) if trial.status == "ERROR" else None
+        ended = how_it_ended(trial)
+        error = report_error(trial) if ended == "error" else None
         epochs = (summary or {}).get("epochs_completed", 0)
-        if pending:
+        if ended == "interrupted":
             status = "pending"
         elif error is not None:
             status = "diverged" if DIVERGED in error else "error"
@@ -272,7 +275,7 @@ class Results:
                 # never resumed again: its checkpoints (tens of MB each, x trials) only fill the disk
                 shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
                 _write_hparams(cfg, status)
-            if not pending:
+            if status != "pending":
                 self._print_trial(self.rows[(arm, n)])
         else:
             row = report.seed_row(arm, n, self.winners[arm]["trial"], cid, summary, status, error)
@@ -328,15 +331,7 @@ class Results:
             functools.partial(study_trial, configs=keyed), {}, self.out, resume=False,
             experiment=f"tune-seeds-{self._sessions()}", train_resources=resources, max_concurrent=max_concurrent,
             callbacks=[self._callback()], ordered=[({"key": key}, set()) for key in keyed], verbose=0)
-        interrupted = False
-        for trial in trials:
-            _, arm, seed = trial.config["key"].split("/")
-            if trial.status not in ("TERMINATED", "ERROR"):
-                interrupted = True
-                self.record(trial.config["key"], trial, pending=True)
-            elif self.seed_rows.get((arm, int(seed)), {}).get("status") in (None, "pending"):
-                self.record(trial.config["key"], trial)
-        return "interrupted" if interrupted else "done"
+        return self._record_the_rest(trials, self.seed_rows)
 
     # ------------------------------------------------------------ files
 
@@ -368,6 +363,14 @@ class Results:
                 results.record(trial.config["key"], trial)
 
         return RecordRun()
+
+
+def how_it_ended(trial) -> str:
+    """"error"; "finished": it ran to its end or ASHA stopped it (Tune marks the last result done either way); or
+    "interrupted": stopped with the experiment (Ctrl-C), which Tune also reports as complete, but not done."""
+    if trial.status == "ERROR":
+        return "error"
+    return "finished" if (getattr(trial, "last_result", None) or {}).get("done") else "interrupted"
 
 
 def report_error(trial) -> str:
