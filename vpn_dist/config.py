@@ -42,9 +42,10 @@ class ModelConfig:
     base: str = setting("dnn3", "sr, dnn3, resnet18/34/50, or any torchvision classifier")
     generator: str = setting("dnn3", "dnn3, resnet18, or none (baseline and random)")
     generator_init_std: float | str | None = setting(
-        None, "the DNN3 generator's initial weights, N(0, std^2) with zero biases: null is the authors' 0.002 (sigma "
-              "starts near 0); `pytorch`: PyTorch's default Linear init (uniform in +-1/sqrt(fan_in), std 0.01-0.02 for "
-              "these inputs). The ResNet-18 generator always starts from PyTorch's default, as the authors'")
+        None, "the DNN3 generator's initial weights, N(0, std^2) with zero biases: null is the authors' 0.002 "
+              "(sigma starts near 0); `pytorch`: PyTorch's default Linear init (uniform in +-1/sqrt(fan_in), std "
+              "0.01-0.02 for these inputs). The ResNet-18 generator always starts from PyTorch's default, as the "
+              "authors'")
 
 
 @dataclass

@@ -97,7 +97,8 @@ def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
     base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
     generator = None
     if cfg.model.generator != "none":
-        generator = build_generator(cfg.model.generator, shape, cfg.model.generator_init_std).to(device, memory_format=memory_format)
+        generator = build_generator(cfg.model.generator, shape, cfg.model.generator_init_std)
+        generator = generator.to(device, memory_format=memory_format)
     return base, generator
 
 

@@ -204,6 +204,7 @@ class Results:
             if (point["arm"], point["trial"]) in self.rows:
                 self.curves.setdefault((point["arm"], point["trial"]), []).append(point)
         self.seed_rows = {(r["arm"], r["seed"]): r for r in read_csv(out / "seeds.csv")}
+        self.recorded: set[str] = set()  # the runs recorded in this session
         dropped = len(rows) - len(self.rows)
         if dropped:
             print(f"study: {dropped} row(s) of trials.csv were run with other settings (the spec changed); those "
@@ -234,28 +235,28 @@ class Results:
                   "reduction_factor": self.study.reduction_factor},
             metric="val_acc", callbacks=[self._callback()], asha_history=history, verbose=0,
             ordered=[({"key": f"search/{arm}/{i}"}, set()) for i in pending])
-        return self._record_the_rest(trials, self.rows)
+        return self._record_the_rest(trials)
 
-    def _record_the_rest(self, trials: list, rows: dict) -> str:
-        """Rows for the trials the callback did not record (it died before reporting, or never started), from the
+    def _record_the_rest(self, trials: list) -> str:
+        """Rows for the trials the callback did not record (one that never started, or died unreported), from the
         statuses Tune saved; "interrupted" if any did not finish."""
         interrupted = False
         for trial in trials:
-            _, arm, n = trial.config["key"].split("/")
             interrupted |= how_it_ended(trial) == "interrupted"
-            if rows.get((arm, int(n)), {}).get("status") in (None, "pending"):
+            if trial.config["key"] not in self.recorded:
                 self.record(trial.config["key"], trial)
         self.save()
         return "interrupted" if interrupted else "done"
 
     def record(self, key: str, trial) -> None:
         """A run's row when its trial ended, from its metrics.json and how the trial ended."""
+        self.recorded.add(key)
         phase, arm, n = key.split("/")
         n = int(n)
         cfg = self.configs[(arm, n)] if phase == "search" else self.rerun_configs[(arm, n)]
         summary = load_summary(Path(cfg.out))
         ended = how_it_ended(trial)
-        error = report_error(trial) if ended == "error" else None
+        error = error_line(trial) if ended == "error" else None
         epochs = (summary or {}).get("epochs_completed", 0)
         if ended == "interrupted":
             status = "pending"
@@ -331,7 +332,7 @@ class Results:
             functools.partial(study_trial, configs=keyed), {}, self.out, resume=False,
             experiment=f"tune-seeds-{self._sessions()}", train_resources=resources, max_concurrent=max_concurrent,
             callbacks=[self._callback()], ordered=[({"key": key}, set()) for key in keyed], verbose=0)
-        return self._record_the_rest(trials, self.seed_rows)
+        return self._record_the_rest(trials)
 
     # ------------------------------------------------------------ files
 
@@ -373,10 +374,13 @@ def how_it_ended(trial) -> str:
     return "finished" if (getattr(trial, "last_result", None) or {}).get("done") else "interrupted"
 
 
-def report_error(trial) -> str:
-    from vpn_dist.sweep.report import _short_error
+def error_line(trial) -> str:
+    """The line that says why the trial failed: where its loss diverged (however deep Ray wrapped that), or its
+    exception line."""
+    from vpn_dist.sweep.report import _short_error, error_text
 
-    return _short_error(trial)
+    diverged = [line.strip() for line in error_text(trial).splitlines() if DIVERGED in line]
+    return diverged[-1][:400] if diverged else _short_error(trial)
 
 
 def _write_hparams(cfg: RunConfig, status: str) -> None:

@@ -151,8 +151,8 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     base = plan.base
     finished = {arm: [r for r in rows if r["arm"] == arm and r["status"] in SEARCH_FINAL] for arm in ARMS}
     lines = [f"# Does tuning rescue VPN? {plan.data_label}, {base} base", "",
-             f"Command: `{plan.command(out, study.trials)}` (DATA: where `vpn-dist prep` wrote the data set, with a val split); "
-             f"it continues with `--resume` and rewrites this report with `--report-only`.", "",
+             f"Command: `{plan.command(out, study.trials)}` (DATA: where `vpn-dist prep` wrote the data set, with a "
+             f"val split); it continues with `--resume` and rewrites this report with `--report-only`.", "",
              study.description, ""]
     status = ", ".join(f"{arm} {len(finished[arm])} of {plan.trials} trials finished" for arm in ARMS)
     reruns = sum(r["status"] == "finished" for r in seed_rows)
@@ -223,7 +223,8 @@ def _budget_section(study: Study, plan: Plan, rows: list[dict[str, Any]], seed_r
              f"Each arm: {plan.trials} trials drawn by the same seeded random searcher (search seed "
              f"{study.search_seed}; trial i of both arms has the same optimizer, learning rate, weight decay and "
              f"seed {study.trial_seed} + i), ASHA on validation accuracy per epoch (grace period "
-             f"{study.grace_period} epoch{'s' if study.grace_period > 1 else ''}, reduction factor {study.reduction_factor}, at most {epochs} epochs), selection on the "
+             f"{study.grace_period} epoch{'s' if study.grace_period > 1 else ''}, reduction factor "
+             f"{study.reduction_factor}, at most {epochs} epochs), selection on the "
              f"validation split only (the final epoch's accuracy on the whole val split; test accuracy is never "
              f"read for a choice).", "",
              "| arm | trials finished | completed | stopped by ASHA | diverged | errored | epochs trained | "
@@ -260,9 +261,10 @@ def _spaces_section(study: Study) -> list[str]:
                  else "—" for arm in ARMS]
         lines.append(f"| `{key}` | {' | '.join(shown)} |")
     lines += ["", "`optimizer`: the authors' SGD (momentum 0.9, cosine over the epochs) or their Adam switch "
-                  "(constant lr). `vpn.gamma_scale`: γ in units of the paper's 0.01/K. `vpn.bound_C`: the bound and its "
-                  "C. `model.generator_init_std`: null is the authors' N(0, 0.002²), `pytorch` PyTorch's default init. "
-                  "A choice picks each listed value equally often (a value listed k times: k/n of the trials).", ""]
+                  "(constant lr). `vpn.gamma_scale`: γ in units of the paper's 0.01/K. `vpn.bound_C`: the bound and "
+                  "its C. `model.generator_init_std`: null is the authors' N(0, 0.002²), `pytorch` PyTorch's default "
+                  "init. A choice picks each listed value equally often (a value listed k times: k/n of the trials).",
+              ""]
     fixed = {**study.fixed}
     lines.append("Fixed in both arms: " + ", ".join(f"`{k}={describe(v)}`" for k, v in fixed.items()) + ".")
     for arm in ARMS:
@@ -281,7 +283,8 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
     lines = ["## Expected best validation accuracy against the number of trials", "",
              "![expected best](figures/expected_best.png)", "",
              "Dodge et al. (2019): the expected best validation accuracy of n trials drawn from the N observed, "
-             "Σᵢ v₍ᵢ₎ [(i/N)ⁿ − ((i−1)/N)ⁿ], with a 95% percentile bootstrap band (the N trials resampled "
+             "Σᵢ v₍ᵢ₎ [(i/N)ⁿ − ((i−1)/N)ⁿ], with a 95% percentile bootstrap band (the N trials "
+             "resampled "
              f"{BOOTSTRAP_RESAMPLES} times). A trial enters with the validation accuracy it ended with (ASHA's stopped "
              "ones at their last epoch), a diverged one at chance (1/K).", "",
              "| arm | N | " + " | ".join(f"n = {n}" for n in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
@@ -315,7 +318,8 @@ def _ranges(numbers: list[int]) -> str:
 
 def _winners_section(rows: list[dict[str, Any]]) -> list[str]:
     best = winners(rows)
-    lines = ["## Winners (by validation accuracy)", "", "| arm | trial | seed | val acc | parameters |", "|---|---|---|---|---|"]
+    lines = ["## Winners (by validation accuracy)", "", "| arm | trial | seed | val acc | parameters |",
+             "|---|---|---|---|---|"]
     for arm in ARMS:
         row = best.get(arm)
         if row is None:
@@ -348,8 +352,8 @@ def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -
         mean = f"{c['mean']:+.2f}" if c["mean"] is not None else ""
         claimed = f"{c['claimed']:+.2f}" if c["claimed"] is not None else "—"
         lines.append(f"| {rule} | {c['n']} | {mean} | {ci} | {claimed} | {c['verdict']} |")
-    lines += ["", "The paper's gain: its Table 1 row minus its baseline for this data set and base (— where the paper "
-                  "has no such cell).", ""]
+    lines += ["", "The paper's gain: its Table 1 row minus its baseline for this data set and base (— where the "
+                  "paper has no such cell).", ""]
     return lines
 
 
@@ -398,8 +402,8 @@ def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
 
 
 def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None:
-    """The VPN arm's final validation accuracy against γ, m, C and lr; the baseline arm's best as a line. γ = 0 gets a
-    tick left of the smallest γ, bound `none` (no C) one right of the largest C, as a log axis has no place for them."""
+    """The VPN arm's final validation accuracy against γ, m, C and lr; the baseline arm's best as a line. γ = 0 gets
+    a tick left of the smallest γ, bound `none` (no C) one right of the largest C: a log axis has no place for them."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -212,8 +212,9 @@ def trial_config(study: Study, arm: str, params: dict[str, Any], *, seed: int, r
         values.update(OPTIMIZERS[optimizer])
     values["train.seed"] = seed
     (label,) = datasets
-    settings = SweepSettings(space=study.name, out="", datasets=datasets, fixed={**study.fixed, **study.arms[arm].fixed},
-                             workers=1, cpus_per_worker=cpus, gpu=gpus > 0, gpus_per_trial=gpus or None)
+    settings = SweepSettings(space=study.name, out="", datasets=datasets,
+                             fixed={**study.fixed, **study.arms[arm].fixed}, workers=1, cpus_per_worker=cpus,
+                             gpu=gpus > 0, gpus_per_trial=gpus or None)
     return resolve_trial(values | {"data": label}, settings, str(run_dir))
 
 
