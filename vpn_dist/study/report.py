@@ -15,6 +15,7 @@ import numpy as np
 from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
 from vpn_dist.reproduce.report import _save as save_figure
+from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, judge
 from vpn_dist.study.spec import ARMS, Plan, Study, describe
 
 PARAM_COLUMNS = ("optimizer", "lr", "weight_decay", "gamma", "m", "bound", "C", "generator_init_std")
@@ -116,33 +117,6 @@ def expected_best_band(values: list[float], n_max: int | None = None, resamples:
     return np.quantile(curves, (1 - level) / 2, axis=0), np.quantile(curves, (1 + level) / 2, axis=0)
 
 
-# ---------------------------------------------------------------- the paired test comparison
-# Interim, marked for replacement: vpn_dist/reproduce/stats.py (being written) replaces this function at merge with
-# its paired comparison (the one-sided test against the paper's gain, Holm across the comparisons, the minimum
-# detectable effect, the verdict).
-
-
-def compare_paired(row: dict[int, float], baseline: dict[int, float], claimed_gain: float | None) -> dict[str, Any]:
-    """row - baseline over the seeds both have: n, the mean difference, its t-based 95% interval and a verdict
-    read from that interval (and where the paper's claimed gain falls against it)."""
-    from scipy import stats
-
-    seeds = sorted(set(row) & set(baseline))
-    d = np.array([row[s] - baseline[s] for s in seeds], dtype=float)
-    if len(d) < 2:
-        return {"n": len(d), "mean": float(d.mean()) if len(d) else None, "ci": None,
-                "verdict": "too few paired seeds for an interval"}
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-    mean = float(d.mean())
-    low, high = mean - half, mean + half
-    verdict = ("the tuned VPN is better" if low > 0 else "the tuned baseline is better" if high < 0
-               else "no difference shown")
-    if claimed_gain is not None and claimed_gain > 0:
-        verdict += (f"; the paper's gain ({claimed_gain:+.2f}) is above the interval" if high < claimed_gain
-                    else f"; the paper's gain ({claimed_gain:+.2f}) is within reach of the interval")
-    return {"n": len(d), "mean": mean, "ci": (low, high), "verdict": verdict}
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -188,32 +162,45 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
-def _seed_comparisons(plan: Plan, base: str, seed_rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def _seed_comparisons(plan: Plan, base: str, seed_rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
+    """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise (test accuracy
+    in %), each with the paper's claimed gain for this data set and base; Holm across the two."""
     done = [r for r in seed_rows if r["status"] == "finished"]
     baseline = {r["seed"]: 100 * r["test_acc_no_noise"] for r in done if r["arm"] == "baseline"}
     paper = paper_numbers()
     paper_base = paper.get((1, plan.data_label, base, "baseline"))
-    found = []
+    rules, found = [], []
     for rule, key, paper_row in (("Algorithm 2", "test_acc_alg2", "dnn3"),
                                  ("no noise", "test_acc_no_noise", "dnn3 (no noise)")):
         vpn = {r["seed"]: 100 * r[key] for r in done if r["arm"] == "vpn" and r[key] is not None}
         paper_vpn = paper.get((1, plan.data_label, base, paper_row))
         claimed = paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
-        found.append((rule, compare_paired(vpn, baseline, claimed) | {"claimed": claimed}))
-    return found
+        rules.append(rule)
+        found.append(compare(vpn, baseline, claimed))
+    return list(zip(rules, judge(found)))
+
+
+def _which_is_better(c: Comparison) -> str:
+    """The study's own question, read from the two-sided paired test after Holm."""
+    if c.p_holm is None:
+        return "too few paired seeds"
+    if c.p_holm >= ALPHA:
+        return "no difference shown"
+    return "the tuned VPN is better" if c.mean > 0 else "the tuned baseline is better"
 
 
 def _verdict_section(comparisons, finished, plan: Plan) -> list[str]:
     lines = ["## Verdict", ""]
-    alg2 = comparisons[0][1]
-    if alg2["ci"] is None:
+    rule, alg2 = comparisons[0]
+    if alg2.ci is None:
         lines += ["Not yet: the winners' re-runs have not finished (the verdict needs at least 2 paired seeds).", ""]
         return lines
-    low, high = alg2["ci"]
+    claim = ("" if alg2.verdict is None else f" Against the paper's claimed gain ({alg2.claimed_gain:+.2f}): "
+             f"**{alg2.verdict}**.")
     lines += [f"With the same budget ({plan.trials} trials per arm, the same ASHA schedule, searcher, data, precision "
               f"and seeds), the VPN arm's winner minus the baseline arm's winner on the test split, over "
-              f"{alg2['n']} fresh seeds: **{alg2['mean']:+.2f} points** (Algorithm 2; 95% CI [{low:+.2f}, "
-              f"{high:+.2f}]): {alg2['verdict']}.", ""]
+              f"{alg2.n} fresh seeds: **{alg2.mean:+.2f} points** (Algorithm 2; 95% CI [{alg2.ci[0]:+.2f}, "
+              f"{alg2.ci[1]:+.2f}]): {_which_is_better(alg2)}.{claim}", ""]
     return lines
 
 
@@ -345,16 +332,28 @@ def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -
         deltas = [f"{100 * (v[k] - b['test_acc_no_noise']):+.2f}" if b and v else ""
                   for k in ("test_acc_alg2", "test_acc_no_noise")]
         lines.append(f"| {seed} | " + " | ".join(cells + deltas) + " |")
-    lines += ["", "| comparison (VPN − baseline) | seeds | mean Δ | 95% CI (t) | the paper's gain | verdict |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| VPN − baseline | Δ [95% CI] (n) | p (Holm) | tuned VPN vs tuned baseline | the paper's gain | "
+                  "p_excl (Holm) | MDE | verdict on the paper's gain |", "|---|---|---|---|---|---|---|---|"]
     for rule, c in comparisons:
-        ci = f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]" if c["ci"] else ""
-        mean = f"{c['mean']:+.2f}" if c["mean"] is not None else ""
-        claimed = f"{c['claimed']:+.2f}" if c["claimed"] is not None else "—"
-        lines.append(f"| {rule} | {c['n']} | {mean} | {ci} | {claimed} | {c['verdict']} |")
-    lines += ["", "The paper's gain: its Table 1 row minus its baseline for this data set and base (— where the "
-                  "paper has no such cell).", ""]
+        if c.n == 0:
+            lines.append(f"| {rule} | (no paired seeds yet) | | | | | | |")
+            continue
+        interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+        gain = "—" if c.claimed_gain is None else f"{c.claimed_gain:+.2f}"
+        lines.append(f"| {rule} | {c.mean:+.2f}{interval} ({c.n}) | {_p_with_holm(c.p, c.p_holm)} | "
+                     f"{_which_is_better(c)} | {gain} | {_p_with_holm(c.p_excl, c.p_excl_holm)} | "
+                     f"{'-' if c.mde is None else f'{c.mde:.2f}'} | {c.verdict or '-'} |")
+    lines += ["", "Paired by seed, in accuracy points (`vpn_dist/reproduce/stats.py`, as every reproduction report): "
+                  "the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
+                  "table's two tests; the paper's gain, its Table 1 row minus its baseline for this data set and base "
+                  "(— where the paper has no such cell); p_excl, the one-sided test of \"our gain ≥ the paper's\", "
+                  "Holm-adjusted; MDE, the smallest true difference these seeds detect with 80% power; the verdict: "
+                  "excluded, reproduced or inconclusive (docs/reproduction.md).", ""]
     return lines
+
+
+def _p_with_holm(p: float | None, adjusted: float | None) -> str:
+    return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
 
 
 def _pct(value: float | None) -> str:
@@ -395,7 +394,7 @@ def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_title("Expected best of n trials, 95% bootstrap band")
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -440,7 +439,7 @@ def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None
     axes[0].set_ylabel("final validation accuracy (%)")
     axes[0].scatter([], [], color="C0", label="sgd")
     axes[0].scatter([], [], color="C1", label="adam")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("VPN arm: each finished trial (filled: all epochs; hollow: stopped early by ASHA)")
     fig.tight_layout()
     save_figure(fig, path)
