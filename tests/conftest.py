@@ -31,7 +31,7 @@ def cli():
 
 # Test tiers: `make test-fast` runs what is neither slow nor integration; integration tests train end to end,
 # start Ray or other processes, or read the real data sets (each module below does throughout).
-INTEGRATION_MODULES = {"test_train", "test_console", "test_fuzz", "test_benchmarks", "test_kill", "test_ray",
+INTEGRATION_MODULES = {"test_train", "test_console", "test_fuzz", "test_benchmarks", "test_kill", "test_ray", "test_faults",
                        "test_tune"}
 REAL_DATA_FIXTURES = {"fashion_mnist_dir", "cifar10_dir"}
 

@@ -1,4 +1,4 @@
-"""`vpn-dist`: one console script, one subcommand per job (prep, train, eval, tune, reproduce, bench)."""
+"""`vpn-dist`: one console script, one subcommand per job (prep, train, eval, tune, reproduce, study, bench)."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "the paper")
     reproduce_mod.add_arguments(reproduce)
     reproduce.set_defaults(handler=reproduce_mod.run)
+
+    from vpn_dist import study as study_mod
+
+    study = sub.add_parser("study", help="does tuning rescue VPN? the baseline and VPN tuned with one budget, the "
+                                         "winners re-run with fresh seeds, expected-best curves")
+    study_mod.add_arguments(study)
+    study.set_defaults(handler=study_mod.run)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

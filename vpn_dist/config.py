@@ -41,6 +41,11 @@ class DataConfig:
 class ModelConfig:
     base: str = setting("dnn3", "sr, dnn3, resnet18/34/50, or any torchvision classifier")
     generator: str = setting("dnn3", "dnn3, resnet18, or none (baseline and random)")
+    generator_init_std: float | str | None = setting(
+        None, "the DNN3 generator's initial weights, N(0, std^2) with zero biases: null is the authors' 0.002 "
+              "(sigma starts near 0); `pytorch`: PyTorch's default Linear init (uniform in +-1/sqrt(fan_in), std "
+              "0.01-0.02 for these inputs). The ResNet-18 generator always starts from PyTorch's default, as the "
+              "authors'")
 
 
 @dataclass
@@ -239,8 +244,9 @@ def _field_types(node: Any) -> dict[str, str]:
 
 
 def _coerce(key: str, value: Any, type_name: str, from_text: bool) -> Any:
-    optional = "None" in type_name
-    base = type_name.split("|")[0].strip()
+    types = [part.strip() for part in type_name.split("|")]
+    optional = "None" in types
+    base = types[0]
     if from_text:  # strings stay as typed (YAML would read 1:1:3 as the base-60 number 3663)
         text = value.strip()
         value = text if base == "str" and text.lower() not in ("", "null", "none", "~") else yaml.safe_load(text or "~")
@@ -263,6 +269,8 @@ def _coerce(key: str, value: Any, type_name: str, from_text: bool) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
+        if isinstance(value, str) and "str" in types:  # a key that takes a number or a word (validate checks which)
+            return value
         raise UserError(f"config key {key!r} expects {base}, got {value!r}") from None
 
 
@@ -285,6 +293,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.base in BASE_MODELS or is_torchvision_classifier(m.base), "model.base",
          f"one of {', '.join(BASE_MODELS)} or a torchvision classification model name", m.base)
     need(m.generator in GENERATORS + ("none",), "model.generator", f"one of {', '.join(GENERATORS)}, none", m.generator)
+    init = m.generator_init_std
+    need(init is None or init == "pytorch" or (m.generator == "dnn3" and not isinstance(init, str)
+                                               and math.isfinite(init) and init > 0),
+         "model.generator_init_std", "null (the authors' init), pytorch, or a number > 0 with the dnn3 generator", init)
     if v.mode in ("baseline", "random", "isotropic"):
         need(m.generator == "none", "model.generator",
              f"mode {v.mode} trains no generator: use --generator none", m.generator)

@@ -61,18 +61,26 @@ def build_base(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.M
     return net.train()
 
 
+AUTHORS_GENERATOR_INIT_STD = 0.002
+
+
 class AbsDNN3(nn.Module):
     """The authors' DNN3 generator, d-1024-1024-d, sigma = |last layer|. Every Linear starts at N(0, 0.002^2)
     with zero bias (std 0.002, as `pi_noise_generator.py` does), so sigma starts near 0: training begins from
-    the noise-free model and the generator grows noise only where it lowers the loss."""
+    the noise-free model and the generator grows noise only where it lowers the loss.
 
-    def __init__(self, shape: tuple[int, int, int]):
+    init_std: another std for that init, or "pytorch" to keep PyTorch's default (weights and biases uniform in
+    +-1/sqrt(fan_in)): under SGD sigma can stay collapsed near its small start, so the scale is worth varying."""
+
+    def __init__(self, shape: tuple[int, int, int], init_std: float | str | None = None):
         super().__init__()
         self.shape = shape
         self.net = dnn3(math.prod(shape), math.prod(shape))
+        if init_std == "pytorch":
+            return
         for layer in self.net:
             if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, 0.0, 0.002)
+                nn.init.normal_(layer.weight, 0.0, AUTHORS_GENERATOR_INIT_STD if init_std is None else init_std)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,9 +128,10 @@ class ResNet18Generator(nn.Module):
         return self.head(features).abs()
 
 
-def build_generator(name: str, shape: tuple[int, int, int]) -> nn.Module:
+def build_generator(name: str, shape: tuple[int, int, int], init_std: float | str | None = None) -> nn.Module:
+    """init_std: model.generator_init_std (the DNN3 generator's; the ResNet-18 generator keeps PyTorch's init)."""
     if name == "dnn3":
-        return AbsDNN3(shape)
+        return AbsDNN3(shape, init_std)
     if name == "resnet18":
         return ResNet18Generator(shape)
     raise UserError(f"unknown generator {name!r}; use {', '.join(GENERATORS)} or none")

@@ -97,7 +97,8 @@ def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
     base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
     generator = None
     if cfg.model.generator != "none":
-        generator = build_generator(cfg.model.generator, shape).to(device, memory_format=memory_format)
+        generator = build_generator(cfg.model.generator, shape, cfg.model.generator_init_std)
+        generator = generator.to(device, memory_format=memory_format)
     return base, generator
 
 
@@ -502,8 +503,9 @@ def _read_attempts(run_dir: Path) -> list[dict[str, Any]]:
 def hparams_of(cfg: RunConfig, gamma: float) -> dict[str, Any]:
     return {"base": cfg.model.base, "generator": cfg.model.generator, "mode": cfg.vpn.mode, "gamma": gamma,
             "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C if cfg.vpn.C is not None else 0.0,
-            "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "amp": cfg.train.amp,
-            "workers": max(cfg.dist.workers, 1)}
+            "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "weight_decay": cfg.train.weight_decay,
+            "generator_init_std": str(cfg.model.generator_init_std or "authors"), "seed": cfg.train.seed,
+            "batch_size": cfg.train.batch_size, "amp": cfg.train.amp, "workers": max(cfg.dist.workers, 1)}
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:

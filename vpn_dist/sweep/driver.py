@@ -22,7 +22,8 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
                train_resources: dict[str, float], max_concurrent: int | None = None,
                trial_resources: dict[str, float] | None = None, asha: dict[str, Any] | None = None,
                metric: str | None = None, num_samples: int = 1, experiment: str = "tune",
-               callbacks: list | None = None, ordered: list[tuple[dict[str, Any], set[int]]] | None = None) -> list:
+               callbacks: list | None = None, ordered: list[tuple[dict[str, Any], set[int]]] | None = None,
+               asha_history: list[list[dict[str, Any]]] | None = None, verbose: int = 1) -> list:
     """Run `trial(params)` for every point of `param_space` (x num_samples) as the Tune experiment OUT/<experiment>,
     or continue the one there (`resume`: finished trials are not rerun, errored ones not retried). A failing trial
     is recorded and the others go on. Returns the trials as saved on disk (`tune.ExperimentAnalysis(...).trials`).
@@ -35,6 +36,9 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
       ones it started with.
     ordered: instead of `param_space`, each trial's params in the order to start them, with the indices of the
       trials it waits for (see `_in_order`).
+    asha_history: the per-epoch results (e.g. {"epoch": 5, "val_acc": 0.8}) of trials that finished outside this
+      experiment (an earlier session), one list per trial: ASHA's rungs start with them (see `_asha`).
+    verbose: Tune's console output (0: none, for callers that print their own line per trial; 1: status tables).
     """
     from vpn_dist.launch import ray_session
 
@@ -43,7 +47,6 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     with ray_session(num_cpus=int(train_resources.get("CPU", 0)), need=train_resources):
         import ray
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
 
         trainable = tune.with_resources(trial, trial_resources or DRIVER_RESOURCES)
         if resume:
@@ -59,17 +62,44 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=metric, mode="max" if metric else None, num_samples=num_samples,
-                                            search_alg=search_alg, scheduler=ASHAScheduler(**asha) if asha else None,
-                                            max_concurrent_trials=concurrent),
+                                            search_alg=search_alg, max_concurrent_trials=concurrent,
+                                            scheduler=_asha(asha, asha_history) if asha else None),
                 run_config=tune.RunConfig(name=experiment, storage_path=str(out), callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                          verbose=1))
+                                          verbose=verbose))
             print(f"{concurrent} trial(s) at a time, each reserving {train_resources}; Tune state in {state}",
                   flush=True)
         tuner.fit()
         # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
         # state keeps the unfinished ones PENDING (what resume runs).
         return list(tune.ExperimentAnalysis(str(state)).trials)
+
+
+def _asha(asha: dict[str, Any], history: list[list[dict[str, Any]]] | None):
+    """ASHAScheduler(**asha) whose rungs already hold `history` when the first trial arrives, so a continued search
+    judges its new trials against the finished ones as one uninterrupted run would have. Replayed through the
+    scheduler's own hooks (a stand-in trial per finished one): a rung records a trial's metric at the first result at
+    or past its milestone, whatever order the trials come in."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ReplayingASHA(ASHAScheduler):
+        def __init__(self):
+            super().__init__(**asha)
+            self.to_replay = list(history or [])
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            for n, results in enumerate(self.to_replay):
+                finished = SimpleNamespace(trial_id=f"finished-earlier-{n}")
+                super().on_trial_add(tune_controller, finished)
+                for result in results:
+                    super().on_trial_result(tune_controller, finished, result)
+                super().on_trial_remove(tune_controller, finished)
+            self.to_replay = []
+            super().on_trial_add(tune_controller, trial)
+
+    return ReplayingASHA()
 
 
 def _in_order(points: tuple[dict[str, Any], ...], waits_for: tuple[set[int], ...]):

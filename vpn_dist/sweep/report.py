@@ -64,6 +64,17 @@ def collect_rows(trials: list, out: Path, max_epochs: int | None) -> list[dict[s
 
 def _short_error(trial) -> str:
     """The exception line of a trial's error (the last `SomeError: message` line of its traceback)."""
+    text = error_text(trial)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|ray\.\S+Error)\b.*?:")
+    found = [ln for ln in lines if pattern.match(ln)]
+    wanted = [ln for ln in found if "UserError" in ln] or found  # our own message says what to change
+    message = wanted[-1] if wanted else (lines[-1] if lines else "unknown error")
+    return message[:400]
+
+
+def error_text(trial) -> str:
+    """A failed trial's whole error as Tune saved it (its error.txt, else its error message)."""
     text = ""
     candidates = []
     for attr in ("error_file", "path"):
@@ -78,14 +89,7 @@ def _short_error(trial) -> str:
         if path is not None and path.is_file():
             text = path.read_text(errors="replace")
             break
-    if not text:
-        text = str(getattr(trial, "error_msg", "") or "unknown error")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|ray\.\S+Error)\b.*?:")
-    found = [ln for ln in lines if pattern.match(ln)]
-    wanted = [ln for ln in found if "UserError" in ln] or found  # our own message says what to change
-    message = wanted[-1] if wanted else (lines[-1] if lines else "unknown error")
-    return message[:400]
+    return text or str(getattr(trial, "error_msg", "") or "unknown error")
 
 
 def best_rows(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], dict[str, Any]]:

@@ -1,0 +1,446 @@
+"""A tuning study's results as data (trials.csv, curves.csv, seeds.csv) and as a report (report.md, figures/).
+
+Never imports Ray. Every number in report.md comes from the three CSV files and study.json, so `--report-only`
+rebuilds it from the committed files alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vpn_dist.observe import write_text_atomic
+from vpn_dist.reproduce.grid import paper_numbers
+from vpn_dist.reproduce.report import _save as save_figure
+from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, judge
+from vpn_dist.study.spec import ARMS, Plan, Study, describe
+
+PARAM_COLUMNS = ("optimizer", "lr", "weight_decay", "gamma", "m", "bound", "C", "generator_init_std")
+TRIAL_COLUMNS = ("arm", "trial", "seed", *PARAM_COLUMNS, "epochs", "val_acc", "val_acc_no_noise", "best_val_acc",
+                 "status", "wall_time_s", "error", "params", "config_id")
+CURVE_COLUMNS = ("arm", "trial", "epoch", "val_acc", "train_loss", "train_acc", "epoch_time_s")
+SEED_COLUMNS = ("arm", "seed", "winner_trial", "test_acc", "test_acc_alg2", "test_acc_no_noise", "val_acc", "epochs",
+                "status", "wall_time_s", "error", "config_id")
+# A search trial with one of these statuses is final: never run again. `error` (the trial broke for a reason other
+# than its parameters: a killed worker, a full disk) runs again on --resume.
+SEARCH_FINAL = ("completed", "early-stopped", "diverged")
+RERUN_FINAL = ("finished", "diverged")  # a winner that diverges at a fresh seed is a result, not a failure
+BOOTSTRAP_RESAMPLES = 1000
+SHOWN_BUDGETS = (1, 5, 10, 20, 40)
+
+
+# ---------------------------------------------------------------- rows
+
+
+def param_values(cfg, num_classes: int) -> dict[str, Any]:
+    """trials.csv's parameter columns from a resolved config (VPN's are blank in the baseline arm)."""
+    from vpn_dist.config import resolved_gamma
+
+    values = {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+    if cfg.model.generator != "none":
+        values |= {"gamma": resolved_gamma(cfg, num_classes), "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C,
+                   "generator_init_std": cfg.model.generator_init_std or "authors"}
+    return values
+
+
+def trial_row(arm: str, index: int, seed: int, params: dict[str, Any], values: dict[str, Any], cid: str,
+              summary: dict[str, Any] | None, status: str, error: str | None = None) -> dict[str, Any]:
+    summary = summary or {}
+    evaluated = [h["val_acc"] for h in summary.get("history", []) if h.get("val_acc") is not None]
+    return {"arm": arm, "trial": index, "seed": seed, **values, "epochs": summary.get("epochs_completed"),
+            "val_acc": summary.get("val_acc"), "val_acc_no_noise": summary.get("val_acc_no_noise"),
+            "best_val_acc": max(evaluated) if evaluated else None, "status": status,
+            "wall_time_s": summary.get("wall_time_s"), "error": error, "params": json.dumps(params), "config_id": cid}
+
+
+def curve_rows(arm: str, index: int, summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [{"arm": arm, "trial": index, **{k: epoch.get(k) for k in CURVE_COLUMNS[2:]}}
+            for epoch in (summary or {}).get("history", [])]
+
+
+def seed_row(arm: str, seed: int, winner: int, cid: str, summary: dict[str, Any] | None, status: str,
+             error: str | None = None) -> dict[str, Any]:
+    summary = summary or {}
+    alg2, plain = summary.get("test_acc_alg2"), summary.get("test_acc_no_noise")
+    return {"arm": arm, "seed": seed, "winner_trial": winner, "test_acc": alg2 if arm == "vpn" else plain,
+            "test_acc_alg2": alg2, "test_acc_no_noise": plain, "val_acc": summary.get("val_acc"),
+            "epochs": summary.get("epochs_completed"), "status": status, "wall_time_s": summary.get("wall_time_s"),
+            "error": error, "config_id": cid}
+
+
+def winners(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm: the completed trial (every epoch run) with the highest validation accuracy; the lower trial number
+    on a tie. Only validation accuracy is read."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["trial"]):
+        if row["status"] == "completed" and row["val_acc"] is not None:
+            if row["arm"] not in best or row["val_acc"] > best[row["arm"]]["val_acc"]:
+                best[row["arm"]] = row
+    return best
+
+
+def selection_values(rows: list[dict[str, Any]], arm: str, num_classes: int) -> list[float]:
+    """The validation accuracy each finished trial of `arm` ended with: a completed trial's on the whole val split,
+    an early-stopped one's at the epoch ASHA stopped it; a diverged trial counts at chance (1/K), as what it left
+    is no model. Errored and unfinished trials are not draws of the search and are left out."""
+    values = []
+    for row in rows:
+        if row["arm"] != arm or row["status"] not in SEARCH_FINAL:
+            continue
+        values.append(1.0 / num_classes if row["status"] == "diverged" else row["val_acc"])
+    return [v for v in values if v is not None]
+
+
+# ---------------------------------------------------------------- expected best (Dodge et al. 2019)
+
+
+def expected_best(values: list[float], n_max: int | None = None) -> np.ndarray:
+    """E[max of n trials] for n = 1..n_max (default N): the expected best of n trials drawn with replacement from the
+    N observed ones, sum_i v_(i) [(i/N)^n - ((i-1)/N)^n] over the sorted values v_(1) <= ... <= v_(N)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    big_n = len(v)
+    i = np.arange(1, big_n + 1)
+    n = np.arange(1, (n_max or big_n) + 1)[:, None]
+    return ((i / big_n) ** n - ((i - 1) / big_n) ** n) @ v
+
+
+def expected_best_band(values: list[float], n_max: int | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A percentile bootstrap band for expected_best: the N trials resampled with replacement `resamples` times,
+    the curve recomputed on each resample, its (1 - level)/2 and (1 + level)/2 quantiles at every n."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    curves = np.stack([expected_best(rng.choice(values, size=len(values)), n_max) for _ in range(resamples)])
+    return np.quantile(curves, (1 - level) / 2, axis=0), np.quantile(curves, (1 + level) / 2, axis=0)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
+                 seed_rows: list[dict[str, Any]]) -> None:
+    base = plan.base
+    finished = {arm: [r for r in rows if r["arm"] == arm and r["status"] in SEARCH_FINAL] for arm in ARMS}
+    lines = [f"# Does tuning rescue VPN? {plan.data_label}, {base} base", "",
+             f"Command: `{plan.command(out, study.trials)}` (DATA: where `vpn-dist prep` wrote the data set, with a "
+             f"val split); it continues with `--resume` and rewrites this report with `--report-only`.", "",
+             study.description, ""]
+    status = ", ".join(f"{arm} {len(finished[arm])} of {plan.trials} trials finished" for arm in ARMS)
+    reruns = sum(r["status"] == "finished" for r in seed_rows)
+    lines += [f"Status: {status}; {reruns} of {len(ARMS) * len(study.rerun_seeds)} winner re-runs finished.", ""]
+
+    comparisons = _seed_comparisons(plan, base, seed_rows)
+    lines += _verdict_section(comparisons, finished, plan)
+    lines += _budget_section(study, plan, rows, seed_rows)
+    lines += _spaces_section(study)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines += _expected_best_section(figures, rows, plan)
+    lines += _winners_section(rows)
+    lines += _seeds_section(study, seed_rows, comparisons)
+    if finished["vpn"]:
+        draw_sensitivity(figures / "sensitivity.png", rows, plan)
+        lines += ["## Sensitivity of the VPN arm", "",
+                  "![sensitivity](figures/sensitivity.png)", "",
+                  "Each point is a finished VPN trial's final validation accuracy (hollow: stopped early by ASHA, so "
+                  "at fewer epochs); the dashed line is the baseline arm's best. γ = 0 sits at the left edge of its "
+                  "panel, bound `none` at the right edge of C's.", ""]
+    lines += ["## Files", "",
+              "- `trials.csv`: every search trial of both arms: arm, trial number, seed, parameters (`params`: the "
+              "drawn axis values as JSON), epochs reached, final and best validation accuracy, status, wall time "
+              "(training + evaluation, seconds), the config id (its run directory's suffix).",
+              "- `curves.csv`: per-epoch validation accuracy and training loss of every search trial (what ASHA's "
+              "rungs are replayed from on --resume).",
+              "- `seeds.csv`: the winners' re-runs, one row per arm and seed (test accuracy by the arm's rule: "
+              "Algorithm 2 for VPN, no noise for the baseline; both recorded).",
+              "- `study.json`: the command's settings (spec, data, trials per arm).",
+              f"- TensorBoard (HParams tab, both arms): `tensorboard --logdir {out.name}/runs/search` where the run "
+              f"directories are (they are not committed).", ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def _seed_comparisons(plan: Plan, base: str, seed_rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
+    """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise (test accuracy
+    in %), each with the paper's claimed gain for this data set and base; Holm across the two."""
+    done = [r for r in seed_rows if r["status"] == "finished"]
+    baseline = {r["seed"]: 100 * r["test_acc_no_noise"] for r in done if r["arm"] == "baseline"}
+    paper = paper_numbers()
+    paper_base = paper.get((1, plan.data_label, base, "baseline"))
+    rules, found = [], []
+    for rule, key, paper_row in (("Algorithm 2", "test_acc_alg2", "dnn3"),
+                                 ("no noise", "test_acc_no_noise", "dnn3 (no noise)")):
+        vpn = {r["seed"]: 100 * r[key] for r in done if r["arm"] == "vpn" and r[key] is not None}
+        paper_vpn = paper.get((1, plan.data_label, base, paper_row))
+        claimed = paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
+        rules.append(rule)
+        found.append(compare(vpn, baseline, claimed))
+    return list(zip(rules, judge(found)))
+
+
+def _which_is_better(c: Comparison) -> str:
+    """The study's own question, read from the two-sided paired test after Holm."""
+    if c.p_holm is None:
+        return "too few paired seeds"
+    if c.p_holm >= ALPHA:
+        return "no difference shown"
+    return "the tuned VPN is better" if c.mean > 0 else "the tuned baseline is better"
+
+
+def _verdict_section(comparisons, finished, plan: Plan) -> list[str]:
+    lines = ["## Verdict", ""]
+    rule, alg2 = comparisons[0]
+    if alg2.ci is None:
+        lines += ["Not yet: the winners' re-runs have not finished (the verdict needs at least 2 paired seeds).", ""]
+        return lines
+    claim = ("" if alg2.verdict is None else f" Against the paper's claimed gain ({alg2.claimed_gain:+.2f}): "
+             f"**{alg2.verdict}**.")
+    lines += [f"With the same budget ({plan.trials} trials per arm, the same ASHA schedule, searcher, data, precision "
+              f"and seeds), the VPN arm's winner minus the baseline arm's winner on the test split, over "
+              f"{alg2.n} fresh seeds: **{alg2.mean:+.2f} points** (Algorithm 2; 95% CI [{alg2.ci[0]:+.2f}, "
+              f"{alg2.ci[1]:+.2f}]): {_which_is_better(alg2)}.{claim}", ""]
+    return lines
+
+
+def _budget_section(study: Study, plan: Plan, rows: list[dict[str, Any]], seed_rows: list[dict[str, Any]]) -> list[str]:
+    epochs = plan.epochs
+    lines = ["## Budget", "",
+             f"Each arm: {plan.trials} trials drawn by the same seeded random searcher (search seed "
+             f"{study.search_seed}; trial i of both arms has the same optimizer, learning rate, weight decay and "
+             f"seed {study.trial_seed} + i), ASHA on validation accuracy per epoch (grace period "
+             f"{study.grace_period} epoch{'s' if study.grace_period > 1 else ''}, reduction factor "
+             f"{study.reduction_factor}, at most {epochs} epochs), selection on the "
+             f"validation split only (the final epoch's accuracy on the whole val split; test accuracy is never "
+             f"read for a choice).", "",
+             "| arm | trials finished | completed | stopped by ASHA | diverged | errored | epochs trained | "
+             "trial-hours |", "|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm]
+        count = {s: sum(r["status"] == s for r in mine) for s in ("completed", "early-stopped", "diverged", "error")}
+        hours = sum(r["wall_time_s"] or 0 for r in mine) / 3600
+        trained = sum(r["epochs"] or 0 for r in mine)
+        lines.append(f"| {arm} | {sum(count[s] for s in SEARCH_FINAL)} of {plan.trials} | {count['completed']} | "
+                     f"{count['early-stopped']} | {count['diverged']} | {count['error']} | {trained} | {hours:.2f} |")
+    search_hours = sum(r["wall_time_s"] or 0 for r in rows) / 3600
+    rerun_hours = sum(r["wall_time_s"] or 0 for r in seed_rows) / 3600
+    amp = study.fixed.get("train.amp", "auto")
+    lines += ["", f"Cost: {search_hours:.2f} trial-hours of search and {rerun_hours:.2f} of re-runs (the sum of every "
+                  f"trial's training and evaluation time on one CPU or GPU share each; Ray's start-up not counted).",
+              "", f"Precision: `train.amp={amp}` in both arms. "
+              + ("fp32, on purpose: `auto` resolves per machine (bf16 on GPUs, and on CPUs where a probe finds it "
+                 "faster), so a study resumed on another machine could mix precisions between trials; and bf16 rounds "
+                 "x + ε to about 3 significant digits, so noise below ~1e-3 of the pixel range vanishes in the "
+                 "base's input, which would silence exactly the VPN arm's small-σ trials (the authors' init starts "
+                 "σ near 0)." if amp == "off" else
+                 "Under bf16, x + ε is rounded to about 3 significant digits, so noise below ~1e-3 of the pixel range "
+                 "vanishes in the base's input: the VPN arm's small-σ trials are affected."), ""]
+    return lines
+
+
+def _spaces_section(study: Study) -> list[str]:
+    axes = list(dict.fromkeys(k for arm in ARMS for k in study.arms[arm].axes))
+    lines = ["## Search spaces", "", "| axis | baseline | vpn |", "|---|---|---|"]
+    for key in axes:
+        # a | inside a table cell must be escaped, even within code
+        shown = [f"`{describe(study.arms[arm].axes[key])}`".replace("|", "\\|") if key in study.arms[arm].axes
+                 else "—" for arm in ARMS]
+        lines.append(f"| `{key}` | {' | '.join(shown)} |")
+    lines += ["", "`optimizer`: the authors' SGD (momentum 0.9, cosine over the epochs) or their Adam switch "
+                  "(constant lr). `vpn.gamma_scale`: γ in units of the paper's 0.01/K. `vpn.bound_C`: the bound and "
+                  "its C. `model.generator_init_std`: null is the authors' N(0, 0.002²), `pytorch` PyTorch's default "
+                  "init. A choice picks each listed value equally often (a value listed k times: k/n of the trials).",
+              ""]
+    fixed = {**study.fixed}
+    lines.append("Fixed in both arms: " + ", ".join(f"`{k}={describe(v)}`" for k, v in fixed.items()) + ".")
+    for arm in ARMS:
+        lines.append(f"Fixed in the {arm} arm: " + ", ".join(f"`{k}={describe(v)}`"
+                                                             for k, v in study.arms[arm].fixed.items()) + ".")
+    return lines + [""]
+
+
+def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan) -> list[str]:
+    values = {arm: selection_values(rows, arm, plan.num_classes) for arm in ARMS}
+    if not all(values.values()):
+        return ["## Expected best validation accuracy", "", "Not yet: an arm has no finished trial.", ""]
+    draw_expected_best(figures / "expected_best.png", values)
+    most = max(len(v) for v in values.values())
+    budgets = sorted({n for n in SHOWN_BUDGETS if n < most} | {most})
+    lines = ["## Expected best validation accuracy against the number of trials", "",
+             "![expected best](figures/expected_best.png)", "",
+             "Dodge et al. (2019): the expected best validation accuracy of n trials drawn from the N observed, "
+             "Σᵢ v₍ᵢ₎ [(i/N)ⁿ − ((i−1)/N)ⁿ], with a 95% percentile bootstrap band (the N trials "
+             "resampled "
+             f"{BOOTSTRAP_RESAMPLES} times). A trial enters with the validation accuracy it ended with (ASHA's stopped "
+             "ones at their last epoch), a diverged one at chance (1/K).", "",
+             "| arm | N | " + " | ".join(f"n = {n}" for n in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    curves = {}
+    for arm in ARMS:
+        curve = expected_best(values[arm])
+        low, high = expected_best_band(values[arm])
+        curves[arm] = curve
+        cells = [f"{100 * curve[n - 1]:.2f} [{100 * low[n - 1]:.2f}, {100 * high[n - 1]:.2f}]" if n <= len(curve)
+                 else "" for n in budgets]
+        lines.append(f"| {arm} | {len(values[arm])} | " + " | ".join(cells) + " |")
+    common = min(len(c) for c in curves.values())
+    ahead = [n for n in range(1, common + 1) if curves["vpn"][n - 1] > curves["baseline"][n - 1]]
+    lines += ["", "Expected best in %, [95% bootstrap band]. " + (
+        f"The VPN arm's expected best is above the baseline's at {len(ahead)} of the budgets 1..{common} "
+        f"({_ranges(ahead)})." if ahead else f"The VPN arm's expected best is below the baseline's at every budget "
+                                             f"1..{common}."), ""]
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"n = {start}" if start == n else f"n = {start}..{n}")
+            start = None
+    return ", ".join(parts)
+
+
+def _winners_section(rows: list[dict[str, Any]]) -> list[str]:
+    best = winners(rows)
+    lines = ["## Winners (by validation accuracy)", "", "| arm | trial | seed | val acc | parameters |",
+             "|---|---|---|---|---|"]
+    for arm in ARMS:
+        row = best.get(arm)
+        if row is None:
+            lines.append(f"| {arm} | (no completed trial yet) | | | |")
+            continue
+        lines.append(f"| {arm} | {row['trial']} | {row['seed']} | {100 * row['val_acc']:.2f} | "
+                     f"{format_params(row)} |")
+    return lines + [""]
+
+
+def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -> list[str]:
+    done = {(r["arm"], r["seed"]): r for r in seed_rows if r["status"] == "finished"}
+    status = {(r["arm"], r["seed"]): r["status"] for r in seed_rows}
+    lines = [f"## The winners on the test split, {len(study.rerun_seeds)} fresh seeds", "",
+             "Each arm's winner trained again at full epochs with seeds no search trial used; the same seed in both "
+             "arms means the same initial base weights and data order (test accuracy in %).", "",
+             "| seed | baseline | VPN (Algorithm 2) | VPN (no noise) | Δ Algorithm 2 | Δ no noise |",
+             "|---|---|---|---|---|---|"]
+    for seed in study.rerun_seeds:
+        b, v = done.get(("baseline", seed)), done.get(("vpn", seed))
+        cells = [_pct(b and b["test_acc_no_noise"]) or status.get(("baseline", seed), ""),
+                 _pct(v and v["test_acc_alg2"]) or status.get(("vpn", seed), ""), _pct(v and v["test_acc_no_noise"])]
+        deltas = [f"{100 * (v[k] - b['test_acc_no_noise']):+.2f}" if b and v else ""
+                  for k in ("test_acc_alg2", "test_acc_no_noise")]
+        lines.append(f"| {seed} | " + " | ".join(cells + deltas) + " |")
+    lines += ["", "| VPN − baseline | Δ [95% CI] (n) | p (Holm) | tuned VPN vs tuned baseline | the paper's gain | "
+                  "p_excl (Holm) | MDE | verdict on the paper's gain |", "|---|---|---|---|---|---|---|---|"]
+    for rule, c in comparisons:
+        if c.n == 0:
+            lines.append(f"| {rule} | (no paired seeds yet) | | | | | | |")
+            continue
+        interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+        gain = "—" if c.claimed_gain is None else f"{c.claimed_gain:+.2f}"
+        lines.append(f"| {rule} | {c.mean:+.2f}{interval} ({c.n}) | {_p_with_holm(c.p, c.p_holm)} | "
+                     f"{_which_is_better(c)} | {gain} | {_p_with_holm(c.p_excl, c.p_excl_holm)} | "
+                     f"{'-' if c.mde is None else f'{c.mde:.2f}'} | {c.verdict or '-'} |")
+    lines += ["", "Paired by seed, in accuracy points (`vpn_dist/reproduce/stats.py`, as every reproduction report): "
+                  "the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
+                  "table's two tests; the paper's gain, its Table 1 row minus its baseline for this data set and base "
+                  "(— where the paper has no such cell); p_excl, the one-sided test of \"our gain ≥ the paper's\", "
+                  "Holm-adjusted; MDE, the smallest true difference these seeds detect with 80% power; the verdict: "
+                  "excluded, reproduced or inconclusive (docs/reproduction.md).", ""]
+    return lines
+
+
+def _p_with_holm(p: float | None, adjusted: float | None) -> str:
+    return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def format_params(row: dict[str, Any]) -> str:
+    """A trial's parameters in one short line: `sgd lr 3.2e-03 wd 5e-04 γ 1e-03 m 4 norm C 12.3 init pytorch`."""
+    parts = [str(row["optimizer"]), f"lr {row['lr']:.2g}", f"wd {row['weight_decay']:.2g}"]
+    if row.get("m") is not None:
+        bound = row["bound"] if row["C"] is None else f"{row['bound']} C {row['C']:.3g}"
+        parts += [f"γ {row['gamma']:.2g}", f"m {row['m']}", bound, f"init {row['generator_init_std']}"]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arm, color in zip(ARMS, ("C0", "C3")):
+        curve = expected_best(values[arm])
+        low, high = expected_best_band(values[arm])
+        n = np.arange(1, len(curve) + 1)
+        ax.plot(n, 100 * curve, color=color, label=f"{arm} ({len(values[arm])} trials)")
+        ax.fill_between(n, 100 * low, 100 * high, color=color, alpha=0.2)
+    ax.set_xlabel("trials (budget n)")
+    ax.set_ylabel("expected best validation accuracy (%)")
+    ax.set_xscale("log")
+    most = max(len(v) for v in values.values())
+    ax.set_xticks([n for n in (1, 2, 3, 5, 10, 20, 40, 80, 160) if n < most] + [most])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_title("Expected best of n trials, 95% bootstrap band")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None:
+    """The VPN arm's final validation accuracy against γ, m, C and lr; the baseline arm's best as a line. γ = 0 gets
+    a tick left of the smallest γ, bound `none` (no C) one right of the largest C: a log axis has no place for them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vpn = [r for r in rows if r["arm"] == "vpn" and r["status"] in ("completed", "early-stopped")
+           and r["val_acc"] is not None]
+    baseline = [r["val_acc"] for r in rows if r["arm"] == "baseline" and r["status"] == "completed"
+                and r["val_acc"] is not None]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4), sharey=True)
+    panels = (("gamma", "γ (conditioning)", "0", lambda x: x == 0, 0.1),
+              ("m", "m (noise draws)", None, None, None),
+              ("C", "C (bound: elementwise ○, norm △)", "none", lambda x: x is None, 10.0),
+              ("lr", "learning rate", None, None, None))
+    for ax, (key, title, special, is_special, offset) in zip(axes, panels):
+        regular = [r[key] for r in vpn if not (is_special and is_special(r[key]))]
+        special_at = None
+        if special and regular:
+            special_at = min(regular) * offset if offset < 1 else max(regular) * offset
+        for row in vpn:
+            x = special_at if is_special and is_special(row[key]) else row[key]
+            color = "C0" if row["optimizer"] == "sgd" else "C1"
+            ax.scatter([x], [100 * row["val_acc"]], marker="^" if row["bound"] == "norm" and key == "C" else "o",
+                       s=28, facecolors=color if row["status"] == "completed" else "none", edgecolors=color)
+        if baseline:
+            ax.axhline(100 * max(baseline), color="k", linestyle="--", linewidth=1, label="baseline arm's best")
+        ax.set_xscale("log", base=2 if key == "m" else 10)
+        if special_at is not None:
+            ax.set_xticks([special_at], [special], minor=True)
+            ax.tick_params(axis="x", which="minor", labelsize=9, length=6)
+        ax.set_title(title)
+    axes[1].set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    axes[1].set_xlim(0.7, 11)
+    axes[0].set_ylabel("final validation accuracy (%)")
+    axes[0].scatter([], [], color="C0", label="sgd")
+    axes[0].scatter([], [], color="C1", label="adam")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("VPN arm: each finished trial (filled: all epochs; hollow: stopped early by ASHA)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
