@@ -149,7 +149,8 @@ def _watched_writer(base):
                 with tqdm(total=self.num_samples) as progress:
                     while progress.n < self.num_samples:
                         _raise_writer_failure(processes, errors)
-                        progress.update(done.value - progress.n)
+                        if done.value > progress.n:
+                            progress.update(done.value - progress.n)
                         time.sleep(0.1)
                 allocation_list = []
                 for _ in processes:  # each writer sends its page allocations as it ends

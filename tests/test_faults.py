@@ -191,7 +191,8 @@ def fill_before(write: str):
             "metrics.json": (train_module, "write_json_atomic")}[write]
 
 
-@pytest.mark.parametrize("write", ["checkpoint", "tensorboard", "metrics.json"])
+@pytest.mark.parametrize("write", ["checkpoint", pytest.param("tensorboard", marks=pytest.mark.slow),
+                                   pytest.param("metrics.json", marks=pytest.mark.slow)])
 def test_a_disk_that_fills_during_training_stops_the_run_whole_and_resume_finishes_it(write, data, tmp_path,
                                                                                       monkeypatch, capsys):
     owner, name = fill_before(write)
@@ -482,12 +483,13 @@ def test_reproduce_refuses_a_set_prepared_as_a_paper_data_set_that_is_not_it(tmp
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["ctrl-c", "sigterm"])
 def test_a_signal_mid_run_stops_it_in_one_line_and_the_way_on_works(signum, data, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = vpn_dist_process(*train_argv(data, run, "--epochs", "100"))
+    proc = vpn_dist_process(*train_argv(data, run, "--epochs", "100000"))  # still training when the signal comes
     try:
-        wait_for(lambda: (run / "checkpoints" / "epoch_0001" / "state.pt").is_file(), 600, proc, "epoch 1's checkpoint")
+        wait_for(lambda: ckpt.latest_checkpoint(run) is not None, 600, proc, "a first checkpoint")
         proc.send_signal(signum)
         rc, _, err = finish(proc, 120)
     finally:
@@ -523,7 +525,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],
+                         ids=["ctrl-c", "sigterm"])
 def test_a_signal_while_prep_writes_leaves_no_partial_file(signum, tmp_path):
     out = tmp_path / "out"
     before = shared_memory()
