@@ -365,7 +365,9 @@ def format_params(row: dict[str, Any]) -> str:
     parts = [str(row["optimizer"]), f"lr {row['lr']:.2g}", f"wd {row['weight_decay']:.2g}"]
     if row.get("m") is not None:
         bound = row["bound"] if row["C"] is None else f"{row['bound']} C {row['C']:.3g}"
-        parts += [f"γ {row['gamma']:.2g}", f"m {row['m']}", bound, f"init {row['generator_init_std']}"]
+        init = row["generator_init_std"]
+        parts += [f"γ {row['gamma']:.2g}", f"m {row['m']}", bound,
+                  f"init {init:.2g}" if isinstance(init, float) else f"init {init}"]
     return " ".join(parts)
 
 
