@@ -347,6 +347,7 @@ class FakeTune:
             else:
                 t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key, last_result={"done": True})
                 callback.on_trial_complete(0, [], t)
+                t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key, last_result={})  # as saved
             trials.append(t)
         return trials
 
