@@ -347,6 +347,7 @@ class FakeTune:
             else:
                 t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key, last_result={"done": True})
                 callback.on_trial_complete(0, [], t)
+                t = SimpleNamespace(config=params, status="TERMINATED", trial_id=key, last_result={})  # as saved
             trials.append(t)
         return trials
 
@@ -455,7 +456,10 @@ def test_tiny_study_end_to_end_kill_and_resume(tiny_data, tmp_path):
     out = tmp_path / "study"
     argv = ["study", "--spec", "study_smoke", "--data", str(tiny_data), "--out", str(out), "--trials", "3",
             "--max-concurrent", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    # a loaded machine starts Ray Train's worker in more than its default 60 s; a retry after that can leak the first
+    # attempt's placement group and wait for ever
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "PYTHONUNBUFFERED": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)

@@ -25,6 +25,9 @@ Besides RunConfig keys, three axis keys are understood: `arch` (a (base, generat
 number of classes K, which differs per data set; the authors' 0.01/(K-1) is scale K/(K-1)). The `data` axis is
 added by the driver: a grid over the given --data dirs, so every data set gets the same trials.
 
+The `study_*.py` files here are not spaces but `vpn-dist study` specs (the baseline and VPN tuned with one budget;
+docs/tuning-study.md), their shared arms in `study_axes.py`.
+
 Every space is checked before any trial starts: each grid value and each choice, and a few draws of every
 continuous axis, are resolved into a RunConfig and validated.
 """

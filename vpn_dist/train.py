@@ -501,11 +501,12 @@ def _read_attempts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def hparams_of(cfg: RunConfig, gamma: float) -> dict[str, Any]:
+    init = "none" if cfg.model.generator == "none" else str(cfg.model.generator_init_std or "authors")
     return {"base": cfg.model.base, "generator": cfg.model.generator, "mode": cfg.vpn.mode, "gamma": gamma,
             "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C if cfg.vpn.C is not None else 0.0,
             "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "weight_decay": cfg.train.weight_decay,
-            "generator_init_std": str(cfg.model.generator_init_std or "authors"), "seed": cfg.train.seed,
-            "batch_size": cfg.train.batch_size, "amp": cfg.train.amp, "workers": max(cfg.dist.workers, 1)}
+            "generator_init_std": init, "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
+            "amp": cfg.train.amp, "workers": max(cfg.dist.workers, 1)}
 
 
 def summarize(cfg: RunConfig, history: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:

@@ -242,20 +242,21 @@ class Results:
         statuses Tune saved; "interrupted" if any did not finish."""
         interrupted = False
         for trial in trials:
-            interrupted |= how_it_ended(trial) == "interrupted"
+            interrupted |= how_it_ended(trial, saved=True) == "interrupted"
             if trial.config["key"] not in self.recorded:
-                self.record(trial.config["key"], trial)
+                self.record(trial.config["key"], trial, saved=True)
         self.save()
         return "interrupted" if interrupted else "done"
 
-    def record(self, key: str, trial) -> None:
-        """A run's row when its trial ended, from its metrics.json and how the trial ended."""
+    def record(self, key: str, trial, saved: bool = False) -> None:
+        """A run's row when its trial ended, from its metrics.json and how the trial ended (`saved`: a trial as Tune
+        saved it, not as a callback sees it)."""
         self.recorded.add(key)
         phase, arm, n = key.split("/")
         n = int(n)
         cfg = self.configs[(arm, n)] if phase == "search" else self.rerun_configs[(arm, n)]
         summary = load_summary(Path(cfg.out))
-        ended = how_it_ended(trial)
+        ended = how_it_ended(trial, saved)
         error = error_line(trial) if ended == "error" else None
         epochs = (summary or {}).get("epochs_completed", 0)
         if ended == "interrupted":
@@ -366,11 +367,14 @@ class Results:
         return RecordRun()
 
 
-def how_it_ended(trial) -> str:
-    """"error"; "finished": it ran to its end or ASHA stopped it (Tune marks the last result done either way); or
-    "interrupted": stopped with the experiment (Ctrl-C), which Tune also reports as complete, but not done."""
+def how_it_ended(trial, saved: bool = False) -> str:
+    """"error"; "finished": it ran to its end or ASHA stopped it; or "interrupted": stopped with the experiment
+    (Ctrl-C). Tune's callbacks call an interrupted trial complete too, but its last result is not marked done (as
+    a finished or stopped one's is); in the statuses Tune saved (`saved`) an interrupted trial is left pending."""
     if trial.status == "ERROR":
         return "error"
+    if saved:
+        return "finished" if trial.status == "TERMINATED" else "interrupted"
     return "finished" if (getattr(trial, "last_result", None) or {}).get("done") else "interrupted"
 
 

@@ -16,7 +16,7 @@ from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
 from vpn_dist.reproduce.report import _save as save_figure
 from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, judge
-from vpn_dist.study.spec import ARMS, Plan, Study, describe
+from vpn_dist.study.spec import ARMS, Plan, Study, describe, shown_path
 
 PARAM_COLUMNS = ("optimizer", "lr", "weight_decay", "gamma", "m", "bound", "C", "generator_init_std")
 TRIAL_COLUMNS = ("arm", "trial", "seed", *PARAM_COLUMNS, "epochs", "val_acc", "val_acc_no_noise", "best_val_acc",
@@ -157,8 +157,8 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
               "- `seeds.csv`: the winners' re-runs, one row per arm and seed (test accuracy by the arm's rule: "
               "Algorithm 2 for VPN, no noise for the baseline; both recorded).",
               "- `study.json`: the command's settings (spec, data, trials per arm).",
-              f"- TensorBoard (HParams tab, both arms): `tensorboard --logdir {out.name}/runs/search` where the run "
-              f"directories are (they are not committed).", ""]
+              f"- TensorBoard (HParams tab, both arms): `tensorboard --logdir {shown_path(out)}/runs/search`, "
+              f"where the run directories are (not committed).", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
@@ -365,7 +365,9 @@ def format_params(row: dict[str, Any]) -> str:
     parts = [str(row["optimizer"]), f"lr {row['lr']:.2g}", f"wd {row['weight_decay']:.2g}"]
     if row.get("m") is not None:
         bound = row["bound"] if row["C"] is None else f"{row['bound']} C {row['C']:.3g}"
-        parts += [f"γ {row['gamma']:.2g}", f"m {row['m']}", bound, f"init {row['generator_init_std']}"]
+        init = row["generator_init_std"]
+        parts += [f"γ {row['gamma']:.2g}", f"m {row['m']}", bound,
+                  f"init {init:.2g}" if isinstance(init, float) else f"init {init}"]
     return " ".join(parts)
 
 
@@ -400,10 +402,27 @@ def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
     plt.close(fig)
 
 
+def _log_ticks(ax, values: list[float], special: tuple[float, str] | None) -> None:
+    """A log x axis with a tick per decade the values span (their own ends when they span less), and the special
+    position (γ = 0, bound none) with its label."""
+    low, high = min(values), max(values)
+    ticks = [10.0 ** k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+             if low / 1.5 <= 10.0 ** k <= high * 1.5]
+    if len(ticks) < 2:
+        ticks = sorted({float(f"{low:.2g}"), float(f"{high:.2g}")})
+    labels = [f"{t:g}" for t in ticks]
+    if special is not None:
+        ticks.append(special[0])
+        labels.append(special[1])
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, labels)
+
+
 def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None:
     """The VPN arm's final validation accuracy against γ, m, C and lr; the baseline arm's best as a line. γ = 0 gets
     a tick left of the smallest γ, bound `none` (no C) one right of the largest C: a log axis has no place for them."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -429,13 +448,14 @@ def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None
                        s=28, facecolors=color if row["status"] == "completed" else "none", edgecolors=color)
         if baseline:
             ax.axhline(100 * max(baseline), color="k", linestyle="--", linewidth=1, label="baseline arm's best")
-        ax.set_xscale("log", base=2 if key == "m" else 10)
-        if special_at is not None:
-            ax.set_xticks([special_at], [special], minor=True)
-            ax.tick_params(axis="x", which="minor", labelsize=9, length=6)
+        if key == "m":
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+            ax.set_xlim(0.7, 11)
+        elif regular:
+            _log_ticks(ax, regular, (special_at, special) if special_at is not None else None)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(title)
-    axes[1].set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
-    axes[1].set_xlim(0.7, 11)
     axes[0].set_ylabel("final validation accuracy (%)")
     axes[0].scatter([], [], color="C0", label="sgd")
     axes[0].scatter([], [], color="C1", label="adam")

@@ -87,12 +87,16 @@ class Plan:
 
     def command(self, out: Path, trials_of_spec: int | None = None) -> str:
         """The command line that runs (or continues) this study; the data directory by its label."""
-        try:
-            shown = out.resolve().relative_to(Path.cwd())
-        except ValueError:
-            shown = out
         extra = f" --trials {self.trials}" if trials_of_spec is not None and self.trials != trials_of_spec else ""
-        return f"vpn-dist study --spec {self.spec} --data DATA/{self.data_label} --out {shown}{extra}"
+        return f"vpn-dist study --spec {self.spec} --data DATA/{self.data_label} --out {shown_path(out)}{extra}"
+
+
+def shown_path(path: Path) -> Path:
+    """A path as a report shows it: relative to the working directory (the repository) when it is inside."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def load_study(name: str) -> Study:
