@@ -98,7 +98,7 @@ def test_smoke_sweep_end_to_end_and_best_config_trains(data_dir, tmp_path):
     assert not (out / "best_config.yaml").exists(), "two groups: no single top-level best config"
     cfg = yaml.safe_load(best[1].read_text())
     chosen = max((r for r in rows if r["arch"] == "sr-dnn3"), key=lambda r: float(r["val_acc"]))
-    assert cfg["model"] == {"base": "sr", "generator": "dnn3"}
+    assert cfg["model"] == {"base": "sr", "generator": "dnn3", "generator_init_std": None}
     assert cfg["train"]["lr"] == pytest.approx(float(chosen["train.lr"]))
     assert Path(cfg["data"]["path"]) == data_dir.resolve()
 
