@@ -295,6 +295,7 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
     _check_space(out_dir, parts, num_workers, force)
 
     from vpn_dist.lock import hold_directory
+    from vpn_dist.observe import signals_deferred
 
     with hold_directory(out_dir, "--out"):  # one writer at a time: a second prep into --out is refused
         _prepare_out_dir(out_dir, force)
@@ -303,9 +304,10 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
         finished: dict[str, Path] = {}
         try:
             for name, (x, y, m) in parts.items():
-                fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".partial")
-                os.close(fd)
-                temp_paths.append(Path(tmp))
+                with signals_deferred():  # created and recorded for cleanup as one step
+                    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".partial")
+                    os.close(fd)
+                    temp_paths.append(Path(tmp))
                 print(f"writing {name}: {len(y)} images", flush=True)
                 try:
                     write_beton(Path(tmp), x, y.astype(np.int64), m, jpeg_quality=jpeg_quality, num_workers=num_workers)
@@ -314,7 +316,8 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 _check_written(Path(tmp), name, len(y), data, jpeg_quality)
                 os.chmod(tmp, _file_mode())  # mkstemp makes 0600
                 finished[name] = Path(tmp)
-            written = _replace_set(out_dir, finished)
+            with signals_deferred():  # the old set, or the new one: never half of each
+                written = _replace_set(out_dir, finished)
             meta = {
                 "num_classes": len(data.class_names),
                 "class_names": list(data.class_names),
@@ -331,8 +334,9 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 "val_seed": seed,
                 **(extra_meta or {}),
             }
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".meta.", suffix=".partial")
-            temp_paths.append(Path(tmp))
+            with signals_deferred():
+                fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".meta.", suffix=".partial")
+                temp_paths.append(Path(tmp))
             with os.fdopen(fd, "w") as fh:
                 json.dump(meta, fh, indent=2)
             os.chmod(tmp, _file_mode())

@@ -30,8 +30,8 @@ def write_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / STATE_FILE, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
     except BaseException:
         if created:

@@ -1,11 +1,14 @@
 """What a person watches: TensorBoard (rank 0), a console line per epoch, metrics.json, the Figure-4 panel."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,16 +47,33 @@ def write_atomic(path: Path, write) -> None:
     """`write(tmp)` writes the whole file at tmp, a name of its own in path's directory (two processes writing the
     same file never share one); then the rename. On any failure, Ctrl-C included, tmp is removed."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        with signals_deferred():  # Ctrl-C between creating tmp and knowing its name would leave it behind
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would give
         tmp.replace(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait for the block to end (they arrive as it ends, as the exception they always were): for
+    a step that must not be cut in half, like creating a temporary file and recording its name for cleanup."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals in Python
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:
