@@ -209,6 +209,32 @@ def test_aggregation_and_report_against_a_direct_computation(tmp_path):
     assert "- device: Test CPU (4 runs), unknown (4 runs)" in report
 
 
+def test_the_isotropic_control_pairs_each_seeds_vpn_run_with_noise_of_its_size(tmp_path):
+    from vpn_dist.reproduce.report import RUN_COLUMNS, write_csv
+
+    rng = np.random.default_rng(1)
+    vpn_alg2, vpn_plain, isotropic = (rng.uniform(0.85, 0.9, 3) for _ in range(3))
+    vpn_grid = tmp_path / "vpn"
+    vpn_grid.mkdir()
+    write_csv(vpn_grid / "runs.csv", [_row(1, "dnn3", "dnn3", "joint", s, vpn_alg2[s], vpn_plain[s]) for s in range(3)],
+              RUN_COLUMNS)
+    rows = [_row(1, "dnn3", "none", "baseline", s, None, 0.8) for s in range(3)]
+    rows += [_row(1, "dnn3", "none", "isotropic", s, None, isotropic[s]) for s in range(3)]
+    out = tmp_path / "control"
+    write_report(out, Plan(tables=[1], data={}, seeds=3, modes=["baseline", "isotropic"], sigma_from=str(vpn_grid)),
+                 rows, [])
+    report = (out / "report.md").read_text()
+    section = report.split("## The isotropic control")[1].split("## Compute")[0]
+    for name, vpn in (("dnn3", vpn_alg2), ("dnn3 (no noise)", vpn_plain)):
+        d = 100 * (vpn - isotropic)
+        line = next(ln for ln in section.splitlines() if ln.startswith(f"| fashion-mnist | dnn3 | {name} |"))
+        assert f"| {d.mean():+.2f} [" in line and f"(3) | {_t_two_sided_p(d.mean() / (d.std(ddof=1) / 3 ** 0.5), 2):.3g} |" \
+            in line, line
+    # A grid without the control has no such section
+    write_report(tmp_path / "plain", Plan(tables=[1], data={}, seeds=3), rows[:3], [])
+    assert "isotropic control" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_figure2_shows_the_baseline_beside_joint_runs_and_the_full_test_point_apart(tmp_path):
     from vpn_dist.reproduce.report import _figure2_cells, write_figures
 

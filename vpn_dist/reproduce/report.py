@@ -198,6 +198,8 @@ def write_report(out: Path, plan: Plan, rows: list[dict[str, Any]], curves: list
             lines.append(f"| {' | '.join(map(str, key))} | {level} | {auroc} | {share} |" + (f" {moved} |" if label_change
                                                                                             else ""))
         lines.append("")
+    if plan.sigma_from and any(name == "isotropic" for _, name, _ in cells):
+        lines += isotropic_control_section(plan, cells)
     lines += compute_section(rows)
     figures = write_figures(out / "figures", rows, curves, paper)
     if figures:
@@ -267,6 +269,37 @@ def statistics_section(comparisons: dict[tuple, Comparison]) -> list[str]:
         "",
     ]
     return lines
+
+
+def isotropic_control_section(plan: Plan, cells: list[tuple[tuple, str, dict[int, float]]]) -> list[str]:
+    """VPN against noise of its own size: each seed's joint run (in the grid plan.sigma_from) against the isotropic
+    run at that seed's learned mean σ (this grid), paired by seed. Each beats its own grid's baseline by some amount;
+    this asks whether VPN's per-pixel, per-image σ adds anything over the noise level alone."""
+    source = Path(plan.sigma_from)
+    lines = ["## The isotropic control", "",
+             f"Each seed's isotropic run trains the base on x + N(0, s²·I), s the mean σ that seed's joint run learned "
+             f"in `{plan.sigma_from}`. Paired by seed: VPN's rows there minus the isotropic row here. A difference "
+             "near 0 says VPN's gain is that of noise of its size; a positive one, that where σ puts the noise "
+             "matters.", ""]
+    if not (source / "runs.csv").is_file():
+        return lines + [f"(`{source / 'runs.csv'}` is not here: run the report from the directory the grid was "
+                        "started in.)", ""]
+    vpn_cells = {(key[1], key[2], name): values for key, name, values in metric_rows(read_csv(source / "runs.csv"))
+                 if key[0] == 1}
+    lines += ["| data | base | VPN row | VPN − isotropic [95% CI] (n) | p | MDE |", "|---|---|---|---|---|---|"]
+    for key, name, isotropic in cells:
+        if name != "isotropic":
+            continue
+        for vpn_name in [n for n in ("dnn3", "dnn3 (no noise)", "resnet18", "resnet18 (no noise)")
+                         if (key[1], key[2], n) in vpn_cells]:
+            c = compare(vpn_cells[(key[1], key[2], vpn_name)], isotropic)
+            if c.n == 0:
+                continue
+            interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+            lines.append(f"| {key[1]} | {key[2]} | {vpn_name} | {c.mean:+.2f}{interval} ({c.n}) | "
+                         f"{'' if c.p is None else f'{c.p:.3g}'} | {'-' if c.mde is None else f'{c.mde:.2f}'} |")
+    return lines + ["", "Two-sided paired t-tests (not in the Holm families above: they ask about a control, not a "
+                        "paper claim); MDE as in [Statistics](#statistics).", ""]
 
 
 def _p_with_holm(p: float | None, adjusted: float | None) -> str:
