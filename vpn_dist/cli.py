@@ -63,6 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
+    from vpn_dist.benchmarks import authors as bench_authors
     from vpn_dist.benchmarks import evaluation as bench_eval
     from vpn_dist.benchmarks import loader as bench_loader
     from vpn_dist.benchmarks import roofline as bench_roofline
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "floats vs flushed to zero (CPU)")
     bench_subnormal.add_arguments(subnormal)
     subnormal.set_defaults(handler=bench_subnormal.run)
+    authors = bench_sub.add_parser("authors", help="the authors' training loop vs vpn-dist train on the paper's "
+                                                   "protocol (Fashion-MNIST, DNN3), fp32 and the default precision")
+    bench_authors.add_arguments(authors)
+    authors.set_defaults(handler=bench_authors.run)
     train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
     bench_training.add_train_arguments(train_bench)
     train_bench.set_defaults(handler=bench_training.run_train)
