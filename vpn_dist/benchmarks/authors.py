@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 2:
         raise UserError(f"--epochs must be at least 2 (one warm-up epoch, then timed ones), got {args.epochs}")
     source = read_fashion_mnist(Path(args.source))
-    images, labels = source.train_x[:, 0], source.train_y  # all 60,000 training images, as their loader has
+    images, labels = source.train_x[:, 0].copy(), source.train_y  # (writable, as torchvision hands it) all 60,000 training images, as their loader has
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "fashion-mnist"
