@@ -190,7 +190,7 @@ def test_docs_config_table_lists_every_key_with_its_default():
 
 def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
     import vpn_dist.config as config
-    from vpn_dist.reproduce.grid import Plan, Run, run_config
+    from vpn_dist.reproduce.grid import Plan, GridRun, run_config
 
     def odd_defaults() -> RunConfig:  # defaults a later change might pick
         cfg = RunConfig.__new__(RunConfig)
@@ -202,7 +202,7 @@ def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
     monkeypatch.setattr(config, "RunConfig", odd_defaults)
     assert config.from_dict({}).train.lr == 0.5  # the patch reaches the defaults
     plan = Plan(tables=[1], data={"fashion-mnist": "/data/fm"}, seeds=1, overrides=["train.weight_decay=0.001"])
-    cfg = run_config(plan, Run("fashion-mnist", "dnn3", "dnn3", "joint", 0, (1,)), Path("/runs"))
+    cfg = run_config(plan, GridRun("fashion-mnist", "dnn3", "dnn3", "joint", 0, (1,)), Path("/runs"))
     t = cfg.train
     assert (t.optimizer, t.lr, t.lr_schedule, t.amp, t.epochs, t.batch_size, t.momentum, cfg.vpn.m) == \
         ("sgd", 1e-3, "cosine", "off", 40, 256, 0.9, 1)

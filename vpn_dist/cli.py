@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_mod.add_arguments(tune)
     tune.set_defaults(handler=tune_mod.run)
 
-    from vpn_dist import reproduce as reproduce_mod
+    from vpn_dist.reproduce import command as reproduce_mod
 
     reproduce = sub.add_parser("reproduce", help="a paper table's grid (cells x seeds) on Ray Tune, reported beside "
                                                  "the paper")

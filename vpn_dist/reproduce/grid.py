@@ -40,7 +40,7 @@ BATCH_SIZE = {"tiny-imagenet": 128}  # paper 4.1: 256 elsewhere ("to prevent the
 
 
 @dataclass(frozen=True)
-class Run:
+class GridRun:
     """One training run of the grid; `tables` lists every table that shows it."""
 
     data: str  # the data set's label (its source kind, or the directory name)
@@ -59,9 +59,9 @@ class Run:
         """The paper's row name: baseline, random, or the generator."""
         return self.mode if self.generator == "none" else self.generator
 
-    def baseline(self) -> Run:
+    def baseline(self) -> GridRun:
         """The run a generator-only run starts from: same data, base and seed."""
-        return Run(self.data, self.base, "none", "baseline", self.seed, ())
+        return GridRun(self.data, self.base, "none", "baseline", self.seed, ())
 
 
 @dataclass
@@ -201,10 +201,10 @@ def check_paper_data(label: str, path: str, meta: dict[str, Any]) -> None:
                         f"(`vpn-dist prep {label} --source ...`, no --size)")
 
 
-def grid(plan: Plan) -> list[Run]:
+def grid(plan: Plan) -> list[GridRun]:
     """Every run of the plan once, seed by seed (an interrupted grid holds whole seeds of every cell), in table
     order within a seed; a run shown in several tables lists them all."""
-    runs: dict[tuple, Run] = {}
+    runs: dict[tuple, GridRun] = {}
     for number in plan.tables:
         table = TABLES[number]
         modes = [m for m in table.modes if plan.modes is None or m in plan.modes]
@@ -219,11 +219,11 @@ def grid(plan: Plan) -> list[Run]:
                         for seed in range(plan.seeds):
                             key = (label, base, generator, mode, seed)
                             tables = runs[key].tables + (number,) if key in runs else (number,)
-                            runs[key] = Run(label, base, generator, mode, seed, tables)
+                            runs[key] = GridRun(label, base, generator, mode, seed, tables)
     return sorted(runs.values(), key=lambda run: run.seed)
 
 
-def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
+def run_config(plan: Plan, run: GridRun, runs_root: Path) -> RunConfig:
     """The paper preset (in fp32 whatever RunConfig's defaults are), the run's cell and seed, then the plan's
     --epochs/--set. The run trains in runs_root/run_id."""
     values = {"out": str(runs_root / run.run_id), "data.path": plan.data[run.data], "model.base": run.base,
@@ -247,7 +247,7 @@ def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
     return validate(cfg)
 
 
-def matched_sigma(plan: Plan, run: Run) -> float:
+def matched_sigma(plan: Plan, run: GridRun) -> float:
     """The isotropic control's s for this run: the mean sigma its seed's finished joint run learned (same data,
     base and generator), from the runs.csv of the grid in plan.sigma_from."""
     if not plan.sigma_from:

@@ -30,7 +30,7 @@ from typing import Any
 from vpn_dist.config import RunConfig
 from vpn_dist.errors import UserError
 from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.reproduce.report import load_summary, read_csv, write_csv
+from vpn_dist.reproduce.report import last_line, load_summary, read_csv, write_csv
 from vpn_dist.study import report
 from vpn_dist.study.spec import (ARMS, Plan, Study, check_rerun_seeds, check_shared, config_id, draw_params,
                                  load_study, trial_config)
@@ -77,13 +77,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [f"{r['arm']} trial {r['trial']}" for r in results.rows.values() if r["status"] == "error"]
     failed += [f"{r['arm']} re-run seed {r['seed']}" for r in results.seed_rows.values()
                if r["status"] not in report.RERUN_FINAL]
-    if failed:
-        print(f"study: {len(failed)} run(s) failed ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-              f"their errors are in trials.csv and their run directories. Run them again with "
-              f"`vpn-dist study --out {args.out} --resume`", flush=True)
-        return 1
-    print(f"study: report in {out / 'report.md'}", flush=True)
-    return 0
+    return last_line("study", out, failed, "failed", "trials.csv and their run directories")
 
 
 def _stopped(results: Results, out: Path) -> int:
