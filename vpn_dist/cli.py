@@ -9,27 +9,25 @@ import signal
 import sys
 import threading
 
-from vpn_dist.config import MODES, PRESETS
+from vpn_dist.config import PRESETS, train_flags
 from vpn_dist.errors import Interrupted, TrainingFailed, UserError, os_error_text
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="directory written by `vpn-dist prep` (data.path)")
-    p.add_argument("--base", help="base model: sr, dnn3, resnet18/34/50 or a torchvision classifier (model.base)")
-    p.add_argument("--generator", help="noise generator: dnn3, resnet18 or none (model.generator)")
-    p.add_argument("--mode", choices=MODES, help="joint, generator-only, baseline or random (vpn.mode)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--out", help="run directory: config.yaml, metrics.json, checkpoints/, tb/")
+    for key, f in train_flags().items():  # a flag per key that has one: its help, type and choices from its setting
+        help_text = f"{f.metadata['doc']} ({key})"
+        if str(f.type) == "bool":
+            p.add_argument(f.metadata["flag"], dest=key, action="store_true", default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+            p.add_argument(f.metadata["flag"], dest=key, type=kind, choices=f.metadata["choices"], help=help_text,
+                           metavar=None if f.metadata["choices"] else f.metadata["flag"][2:].upper().replace("-", "_"))
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings under --config, flags and --set: paper "
                                                             "(the paper's protocol: SGD, lr 1e-3, cosine, fp32)")
     p.add_argument("--config", help="a YAML run config (configs/*.yaml); flags and --set override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set vpn.m=4 --set train.amp=bf16 (repeatable)")
-    p.add_argument("--init-from", help="generator-only: run directory of the trained base model")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its configured epoch count")
-    p.add_argument("--workers", type=int, help="Ray Train workers (dist.workers); omit to train in this process")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray worker (dist.gpu)")
-    p.add_argument("--cpus-per-worker", type=int, help="CPUs per Ray worker (dist.cpus_per_worker)")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's own log lines (a report per rank "
                                                           "and epoch, checkpoint notices; always in Ray's log files)")
 
@@ -37,11 +35,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from vpn_dist.launch import config_from_args, load_run, train
 
-    flags = {"data.path": args.data, "model.base": args.base, "model.generator": args.generator,
-             "vpn.mode": args.mode, "train.epochs": args.epochs, "out": args.out, "train.init_from": args.init_from,
-             "dist.workers": args.workers, "dist.gpu": args.gpu, "dist.cpus_per_worker": args.cpus_per_worker}
+    flags = {key: getattr(args, key) for key in train_flags()}
     if args.resume:
-        if args.out and args.out != args.resume:
+        if flags["out"] and flags["out"] != args.resume:
             raise UserError("--resume continues RUN_DIR in place; drop --out or give the same directory")
         flags["out"] = args.resume
     base = load_run(args.resume) if args.resume else None
