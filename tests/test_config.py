@@ -192,3 +192,34 @@ def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
     assert (t.optimizer, t.lr, t.lr_schedule, t.amp, t.epochs, t.batch_size, t.momentum, cfg.vpn.m) == \
         ("sgd", 1e-3, "cosine", "off", 40, 256, 0.9, 1)
     assert t.weight_decay == 0.001  # the plan's --set still applies over the preset
+
+
+@pytest.mark.parametrize("code", ["import vpn_dist.errors", "import vpn_dist.config", "import data_prep, data_prep.cli",
+                                  "import vpn_dist; vpn_dist.RunConfig",
+                                  "from vpn_dist.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"])
+def test_light_imports_and_help_load_no_torch_ray_or_ffcv(code):
+    """The package loads a module when one of its names is first used: errors, config, data_prep and `vpn-dist
+    --help` stay light (a fresh interpreter, so nothing imported before counts)."""
+    import subprocess
+    import sys
+
+    heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'ray', 'ffcv'})"
+    result = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint({heavy})"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", f"{code!r} loaded {result.stdout.splitlines()[-1]}"
+
+
+def test_a_public_name_loads_its_module_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, vpn_dist\nassert 'torch' not in sys.modules\nfrom vpn_dist import vpn_loss, build_base\n"
+            "assert vpn_loss.__module__ == 'vpn_dist.method' and build_base.__module__ == 'vpn_dist.models'\n"
+            "assert 'torch' in sys.modules and 'ray' not in sys.modules\n"
+            "assert set(vpn_dist.__all__) <= set(dir(vpn_dist))\n"
+            "try:\n    vpn_dist.nonsense\nexcept AttributeError as err:\n    assert 'nonsense' in str(err)\n"
+            "else:\n    raise SystemExit('no AttributeError')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
-    train_resources = _train_resources(settings)
+    train_resources = settings.resources().reserved()
     try:
         trials = driver.run_trials(
             functools.partial(run_trial, settings=settings),
@@ -86,14 +86,6 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
               f"and --resume", flush=True)
         return 130
     return 0
-
-
-def _train_resources(settings: SweepSettings) -> dict[str, float]:
-    """What one trial's Ray Train workers reserve altogether."""
-    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
-    if settings.gpu:
-        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
-    return train_resources
 
 
 def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
@@ -120,7 +112,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
     print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
-    check_request(_train_resources(settings), "each trial")  # a request Ray could never meet writes nothing
+    check_request(settings.resources().reserved(), "each trial")  # a request Ray could never meet writes nothing
     make_output_dir(out / "trials", "--out")
     write_json_atomic(out / "sweep.json", {"space_arg": args.space, "settings": settings.to_dict(),
                                            "started": time.time()})

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from vpn_dist.checkpoint import checkpoints
+from vpn_dist.config import GENERATORS
 from vpn_dist.errors import UserError
 from vpn_dist.launch import check_request
 from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.reproduce.grid import Plan, GridRun, check_plan, data_fingerprint, data_label, grid, run_config
+from vpn_dist.reproduce.grid import TABLES, GridRun, Plan, check_plan, data_fingerprint, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary,
                                        last_line, mark_unknown_provenance, read_csv, run_rows, write_csv, write_report)
 from vpn_dist.sweep import driver
@@ -42,9 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, help="runs per cell (seeds 0..N-1; the paper averages 5)")
     p.add_argument("--out", required=True, help="OUT: runs/, runs.csv, curves.csv, report.md, figures/")
     p.add_argument("--bases", type=_names, help="comma-separated base models (default: the table's)")
-    p.add_argument("--generators", type=_names, help="comma-separated generators: dnn3, resnet18 (default both)")
-    p.add_argument("--modes", type=_names, help="comma-separated rows' modes: baseline, random, joint, generator-only; "
-                                                "isotropic (a control in Table 1, with --sigma-from)")
+    p.add_argument("--generators", type=_names,
+                   help=f"comma-separated generators: {', '.join(GENERATORS)} (default: all)")
+    rows = dict.fromkeys(mode for table in TABLES.values() for mode in table.modes)
+    p.add_argument("--modes", type=_names, help=f"comma-separated rows' modes: {', '.join(rows)}; isotropic (a "
+                                                "control in Table 1, with --sigma-from)")
     p.add_argument("--epochs", type=int, help="train.epochs of every run (default: the paper's 40)")
     p.add_argument("--sigma-from", metavar="GRID_DIR",
                    help="--modes isotropic: each seed's noise scale s is the mean sigma its joint run learned in this "
@@ -98,9 +101,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     position = {r.run_id: i for i, r in enumerate(order)}
     waits_for = [{position[r.baseline().run_id]} if r.mode == "generator-only" and r.baseline().run_id in position
                  else set() for r in order]  # a baseline not in `order` has finished already
-    train_resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
-    if plan.gpus_per_trial:
-        train_resources["GPU"] = plan.gpus_per_trial
     if order:
         # trials run in Tune's own working directory: give them the reference grid by an absolute path
         trial_plan = dataclasses.replace(plan, sigma_from=str(Path(plan.sigma_from).resolve())) \
@@ -109,7 +109,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         try:
             trials = driver.run_trials(
                 trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
-                train_resources=train_resources, max_concurrent=args.max_concurrent, callbacks=[state.callback()],
+                train_resources=plan.resources().reserved(), max_concurrent=args.max_concurrent,
+                callbacks=[state.callback()],
                 ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
         except UserError:
             if not args.resume and not list(out.glob("tune-*")):  # refused (by the cluster) before any trial
@@ -228,7 +229,7 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
             raise UserError(f"--data {raw}: two data directories are both {label!r}")
         data[label] = str(Path(raw).resolve())
     plan = Plan(tables=sorted(set(args.tables)), data=data, seeds=args.seeds, bases=args.bases,
-                generators=args.generators or ["dnn3", "resnet18"], modes=args.modes, epochs=args.epochs,
+                generators=args.generators or list(GENERATORS), modes=args.modes, epochs=args.epochs,
                 overrides=list(args.overrides), gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
                 sigma_from=args.sigma_from,
                 data_fingerprints={label: data_fingerprint(path) for label, path in data.items()})
@@ -237,7 +238,7 @@ def _new_plan(args: argparse.Namespace, out: Path) -> Plan:
     if args.cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {args.cpus_per_trial} must be at least 1")
     check_plan(plan)
-    check_request({"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial}, "each run")  # before anything is written
+    check_request(plan.resources().reserved(), "each run")  # before anything is written
     make_output_dir(out, "--out")
     _save_plan(out, plan)
     return plan

@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     plan, study, datasets, configs = _resumed(args, out) if args.resume else _new(args, out)
     results = Results(out, study, plan, configs)
     results.save()
-    resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
-    if plan.gpus_per_trial:
-        resources["GPU"] = plan.gpus_per_trial
+    resources = plan.resources().reserved()
     for arm in ARMS:
         if results.search_arm(arm, resources, args.max_concurrent) == "interrupted":
             return _stopped(results, out)
@@ -169,7 +167,7 @@ def _plan(study: Study, spec: str, data: str, trials: int, args, out: Path) -> t
 def _search_config(study: Study, plan: Plan, datasets: dict[str, dict[str, Any]], out: Path, arm: str,
                    index: int) -> RunConfig:
     cfg = trial_config(study, arm, draw_params(study, arm, index), seed=study.trial_seed_of(index),
-                       run_dir=Path("/unset"), datasets=datasets, cpus=plan.cpus_per_trial, gpus=plan.gpus_per_trial)
+                       run_dir=Path("/unset"), datasets=datasets, resources=plan.resources())
     cfg.out = str(out / "runs" / "search" / arm / f"{index:03d}-{config_id(cfg, plan.data_label)}")
     return cfg
 
@@ -303,7 +301,7 @@ class Results:
             params = draw_params(self.study, arm, winner["trial"])
             for seed in self.study.rerun_seeds:
                 cfg = trial_config(self.study, arm, params, seed=seed, run_dir=Path("/unset"), datasets=datasets,
-                                   cpus=self.plan.cpus_per_trial, gpus=self.plan.gpus_per_trial)
+                                   resources=self.plan.resources())
                 cid = config_id(cfg, self.plan.data_label)
                 cfg.out = str(self.out / "runs" / "seeds" / arm / f"seed{seed}-{cid}")
                 self.rerun_configs[(arm, seed)] = cfg
