@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster_files import check_vpn_command
+from cli_commands import check_vpn_command
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

@@ -10,12 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from polling import poll_until
 from vpn_dist.reproduce.grid import Plan, check_plan, grid, paper_numbers
 from vpn_dist.reproduce.report import mean_std, metric_rows, summary, write_report
 from vpn_dist.reproduce.stats import compare
@@ -416,15 +416,9 @@ def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(ti
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    finished_before: list[str] = []
     try:
-        while time.time() < deadline and first.poll() is None:
-            if (out / "runs.csv").is_file():
-                finished_before = sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
-                if finished_before:
-                    break
-            time.sleep(0.5)
+        finished_before = poll_until(lambda: sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
+                                     if (out / "runs.csv").is_file() else [], first)
     finally:  # the driver and its local Ray, at once; also when this test fails, so no grid outlives it
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from scipy import stats
 
+from polling import poll_until
 from vpn_dist.cli import main
 from vpn_dist.reproduce.report import read_csv
 from vpn_dist.study import report as study_report
@@ -455,12 +455,9 @@ def test_tiny_study_end_to_end_kill_and_resume(tiny_synthetic_dir, tmp_path):
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    finished: list[dict[str, str]] = []
-    deadline = time.time() + 1200
-    while time.time() < deadline and first.poll() is None and not finished:
-        if (out / "trials.csv").is_file():
-            finished = [r for r in csv_rows(out / "trials.csv") if r["status"] in ("completed", "early-stopped")]
-        time.sleep(0.5)
+    done = ("completed", "early-stopped")
+    finished = poll_until(lambda: [r for r in csv_rows(out / "trials.csv") if r["status"] in done]
+                          if (out / "trials.csv").is_file() else [], first)
     assert finished, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray at once, mid-study
     first.wait()
