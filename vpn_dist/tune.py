@@ -126,7 +126,7 @@ def _resumed(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]
         raise UserError(f"--resume: {out} holds no sweep to resume (no sweep.json); start it without --resume")
     try:
         saved = json.loads(sweep_file.read_text())
-        settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": before vpn_dist.sweep
+        settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": older sweep.json files
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(f"--resume: {sweep_file} is damaged ({type(err).__name__}: {err}); start a new sweep in "
                         f"another --out") from None
