@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from console_lines import assert_console_once
 from vpn_dist import observe
 from vpn_dist.cli import main
 from vpn_dist.errors import UserError
@@ -15,6 +14,18 @@ from vpn_dist.launch import STORAGE_MARKER, check_storage_marker, write_storage_
 
 FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1", "--set", "train.optimizer=adam",
         "--set", "train.lr_schedule=constant"]
+
+
+def epoch_lines(text: str, epoch: int) -> list[str]:
+    """The run's per-epoch summary lines for `epoch` (Ray prefixes a worker's lines with its name and pid)."""
+    return re.findall(rf"^.*epoch +{epoch} \| loss .*$", text, flags=re.MULTILINE)
+
+
+def assert_console_once(text: str, epochs: int) -> None:
+    """Each epoch's line exactly once, and none of Ray Train's per-report dumps."""
+    for epoch in range(1, epochs + 1):
+        assert len(epoch_lines(text, epoch)) == 1, f"epoch {epoch}:\n{text[-4000:]}"
+    assert "TrainingReport(" not in text, text[-4000:]
 
 
 def test_in_process_run_prints_each_epoch_once_with_plain_progress_off_a_terminal(synthetic_dir, tmp_path,

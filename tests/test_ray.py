@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from console_lines import assert_console_once
+from test_console import assert_console_once
 
 from vpn_dist.checkpoint import latest_checkpoint, load_checkpoint, load_latest
 from vpn_dist.errors import UserError
