@@ -160,7 +160,8 @@ def preset(name: str | None) -> RunConfig:
 
 
 def config_keys(node: Any = None, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Every dotted config key (`train.lr`, ...) -> its dataclass field (default and metadata["doc"])."""
+    """Every dotted config key (`train.lr`, ...) -> its dataclass field (its default; its setting's doc, choices and
+    flag in metadata)."""
     keys: dict[str, dataclasses.Field] = {}
     for f in dataclasses.fields(node or RunConfig):
         if f.default_factory is not dataclasses.MISSING:  # a section
@@ -171,6 +172,7 @@ def config_keys(node: Any = None, prefix: str = "") -> dict[str, dataclasses.Fie
 
 
 def config_value(cfg: RunConfig, key: str) -> Any:
+    """cfg's value of a dotted key."""
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -184,7 +186,7 @@ def choices_of(key: str) -> tuple[str, ...]:
 
 def train_flags() -> dict[str, dataclasses.Field]:
     """The keys `vpn-dist train` sets with a flag of their own (`--base` for model.base, ...) -> their fields."""
-    return {key: f for key, f in config_keys().items() if f.metadata.get("flag")}
+    return {key: f for key, f in config_keys().items() if f.metadata["flag"]}
 
 
 def markdown_table() -> str:
@@ -195,7 +197,7 @@ def markdown_table() -> str:
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, f in config_keys().items():
         meaning = f.metadata["doc"].replace("|", "\\|") + (f" (`{f.metadata['flag']}`)" if f.metadata["flag"] else "")
-        rows.append(f"| `{key}` | {shown(f.default)} | {meaning} |".replace("|  |", "| |"))
+        rows.append(f"| `{key}` | {shown(f.default)} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 
