@@ -540,3 +540,32 @@ def test_a_signal_while_prep_writes_leaves_no_partial_file(signum, tmp_path):
     assert rc == 128 + signum and ("interrupted" in line or "terminated" in line), (rc, err)
     assert not temporaries(out) and not (out / "meta.json").exists()
     assert shared_memory() <= before
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a sweep, its fault and its resume: minutes on 2 cores
+def test_a_disk_that_fills_during_a_sweep_stops_it_in_one_line_and_resume_finishes_it(data, tmp_path):
+    """Tune writes its experiment state and trial files with plain writes: a full disk used to cut them short, end the
+    sweep in Tune's traceback, and leave a state that no longer resumed."""
+    with small_disk(tmp_path / "disk", "400m") as disk:  # (a trial keeps two checkpoints of 53 MB)
+        out, log = disk / "sweep", tmp_path / "sweep.log"
+        argv = ["tune", "--space", "smoke", "--data", str(data), "--out", str(out), "--samples", "1", "--epochs", "3"]
+        with open(log, "w") as sink:  # (Ray's output can outgrow a pipe nobody reads while the test waits)
+            proc = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, stdout=sink,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                wait_for(lambda: any(out.glob("trials/*/metrics.json")), 300, proc, "a trial's first epoch")
+                filler = fill(disk)
+                rc = proc.wait(timeout=300)
+            finally:
+                stop(proc)
+        line = error_line(log.read_text(), "tune")
+        assert rc == 1 and "no space left on device" in line, line
+        assert f"`vpn-dist tune --space smoke --out {out} --resume`" in line, line
+        assert not temporaries(disk), temporaries(disk)
+        filler.unlink()  # make room, then the way on
+        resumed = subprocess.run([sys.executable, "-m", "vpn_dist.cli", "tune", "--space", "smoke", "--out", str(out),
+                                  "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        rows = (out / "results.csv").read_text().splitlines()[1:]
+        assert len(rows) == 2 and not any(",error" in row for row in rows), rows

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,16 @@ def load_latest(run_dir: str | Path, set_aside: bool = False) -> dict[str, Any] 
 def set_aside_unreadable(run_dir: str | Path) -> None:
     """--resume, once every check has passed: move each checkpoint newer than the newest one that reads back whole to
     checkpoints/unreadable-epoch_NNNN, so the resumed run writes that epoch afresh and every later reader finds the
-    same checkpoint."""
+    same checkpoint. Ray Train's list of the checkpoints goes too when a full disk cut it short: Ray would refuse to
+    start on it, and without it Ray starts a new one (this module finds checkpoints by their directories)."""
+    snapshot = Path(run_dir) / "checkpoints" / RAY_SNAPSHOT
+    try:
+        json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        snapshot.unlink()
+        print(f"removed {snapshot}, cut short", flush=True)
     for directory in reversed(checkpoints(run_dir)):
         if _readable(directory):
             return

@@ -82,6 +82,8 @@ BENCHMARKS = {
                  "by torch's flop counter)", "vpn_dist.benchmarks.roofline:add_arguments:run"),
     "subnormal": ("a run's training step from its checkpoint with IEEE subnormal floats vs flushed to zero (CPU)",
                   "vpn_dist.benchmarks.subnormal:add_arguments:run"),
+    "authors": ("the authors' training loop vs vpn-dist train on the paper's protocol (Fashion-MNIST, DNN3), fp32 and "
+                "the default precision", "vpn_dist.benchmarks.authors:add_arguments:run"),
     "train": ("in-process training throughput (e.g. on a GPU box)",
               "vpn_dist.benchmarks.training:add_train_arguments:run_train"),
 }

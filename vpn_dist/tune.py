@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.errors import UserError
+from vpn_dist.errors import TrainingFailed, UserError, os_error_text
 from vpn_dist.launch import check_request
 from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
@@ -72,14 +73,21 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
                   "grace_period": min(settings.grace_period, settings.max_epochs),
                   "reduction_factor": settings.reduction_factor},
             metric=settings.metric, num_samples=settings.samples)
+        rows = report.collect_rows(trials, out, settings.max_epochs)
+        report.write_results(rows, out, space=settings.space, metric=settings.metric)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = OSError(err.errno, err.strerror, err.filename or str(out))
+        raise TrainingFailed(f"{os_error_text(where)}; the sweep's finished trials and Tune's state are whole: once "
+                             f"there is room, continue it with `vpn-dist tune --space {args.space} --out {out} "
+                             f"--resume`") from None
     except UserError:
         if not args.resume and not (out / "tune").exists():  # refused (by the cluster) before Tune began: undo _new
             (out / "sweep.json").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (out / "trials").rmdir()
         raise
-    rows = report.collect_rows(trials, out, settings.max_epochs)
-    report.write_results(rows, out, space=settings.space, metric=settings.metric)
     unfinished = [r for r in rows if r["status"] in report.UNFINISHED]
     if unfinished:
         print(f"the sweep stopped with {len(unfinished)} trial(s) unfinished; continue it with the same command "

@@ -5,13 +5,16 @@ Ray is imported only inside these functions, within `ray_session` (a local Ray s
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from vpn_dist.config import RunConfig
-from vpn_dist.errors import UserError
+from vpn_dist.errors import UserError, free_space
+from vpn_dist.sweep.storage import atomic_local_filesystem
 
 # A trial only drives a Ray Train run (it and the Train controller need no CPU); the Train workers reserve the CPUs
 # and GPUs. Ray refuses an empty resource request, so the driver asks for a little memory (a logical reservation).
@@ -39,22 +42,28 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     asha_history: the per-epoch results (e.g. {"epoch": 5, "val_acc": 0.8}) of trials that finished outside this
       experiment (an earlier session), one list per trial: ASHA's rungs start with them (see `_asha`).
     verbose: Tune's console output (0: none, for callers that print their own line per trial; 1: status tables).
+
+    A disk that fills during the trials ends the call with OSError(ENOSPC) naming OUT: what Tune saved is whole (see
+    vpn_dist.sweep.storage), and `resume` then runs again the trials that the full disk failed.
     """
     from vpn_dist.launch import ray_session
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
     state = out / experiment
+    storage = atomic_local_filesystem()
     with ray_session(num_cpus=int(train_resources.get("CPU", 0)), need=train_resources):
         import ray
         from ray import tune
 
         trainable = tune.with_resources(trial, trial_resources or DRIVER_RESOURCES)
         if resume:
-            if not tune.Tuner.can_restore(str(state)):
+            if not tune.Tuner.can_restore(str(state), storage_filesystem=storage):
                 raise UserError(f"--resume: {state} holds no Tune experiment state yet; start again without "
                                 f"--resume (remove {out})")
-            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
-                                       restart_errored=False)
+            saved = tune.ExperimentAnalysis(str(state), storage_filesystem=storage).trials
+            tuner = tune.Tuner.restore(str(state), trainable=trainable, storage_filesystem=storage,
+                                       resume_unfinished=True, restart_errored=any(
+                                           failed_for_space(t, or_unknown=True) for t in saved))
         else:
             concurrent = max_concurrent or default_concurrency(ray.cluster_resources(), train_resources)
             search_alg = _in_order(*zip(*ordered)) if ordered else None
@@ -64,15 +73,47 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
                 tune_config=tune.TuneConfig(metric=metric, mode="max" if metric else None, num_samples=num_samples,
                                             search_alg=search_alg, max_concurrent_trials=concurrent,
                                             scheduler=_asha(asha, asha_history) if asha else None),
-                run_config=tune.RunConfig(name=experiment, storage_path=str(out), callbacks=callbacks,
+                run_config=tune.RunConfig(name=experiment, storage_path=str(out), storage_filesystem=storage,
+                                          callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                           verbose=verbose))
             print(f"{concurrent} trial(s) at a time, each reserving {train_resources}; Tune state in {state}",
                   flush=True)
-        tuner.fit()
-        # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
-        # state keeps the unfinished ones PENDING (what resume runs).
-        return list(tune.ExperimentAnalysis(str(state)).trials)
+        try:
+            tuner.fit()
+            # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
+            # state keeps the unfinished ones PENDING (what resume runs).
+            trials = list(tune.ExperimentAnalysis(str(state), storage_filesystem=storage).trials)
+        except Exception as err:  # Tune reading back what a full disk cut short: say so, not Tune's traceback
+            if out_of_space(out, "".join(traceback.format_exception(err))):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+            raise
+        if any(map(failed_for_space, trials)) or (
+                out_of_space(out, "") and any(failed_for_space(t, or_unknown=True) for t in trials)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+        return trials
+
+
+def out_of_space(out: Path, error_text: str) -> bool:
+    """Whether an error (its whole text) came of a full file system, or OUT's file system is full now."""
+    free = free_space(out)
+    return names_full_disk(error_text) or (free is not None and free < 1 << 20)
+
+
+def names_full_disk(text: str) -> bool:
+    return any(words in text for words in ("No space left on device", "Disk quota exceeded",
+                                           f"[Errno {errno.ENOSPC}]", f"[Errno {errno.EDQUOT}]"))
+
+
+def failed_for_space(trial, *, or_unknown: bool = False) -> bool:
+    """A trial that errored because the disk filled (its error says so; `or_unknown`: or its error was never saved
+    whole, as when the disk was full when Tune wrote it)."""
+    from vpn_dist.sweep.report import error_text
+
+    if str(getattr(trial, "status", "")) != "ERROR":
+        return False
+    text = error_text(trial)
+    return names_full_disk(text) or (or_unknown and text == "unknown error")
 
 
 def _asha(asha: dict[str, Any], history: list[list[dict[str, Any]]] | None):
@@ -162,4 +203,4 @@ def train_in_trial(cfg: RunConfig) -> None:
         for epoch_metrics in done.get("history", []):
             tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
         return
-    train(cfg, resume=ckpt.latest_checkpoint(run_dir) is not None, ray_callbacks=[TuneReportCallback()])
+    train(cfg, resume=ckpt.has_readable_checkpoint(run_dir), ray_callbacks=[TuneReportCallback()])
