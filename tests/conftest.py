@@ -10,7 +10,7 @@ local_ray_environment()
 
 import pytest
 
-from data_fixtures import cifar10_dir, fashion_mnist_dir, synthetic_dir  # noqa: F401 - fixtures
+from data_fixtures import cifar10_dir, fashion_mnist_dir, synthetic_dir, tiny_synthetic_dir  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -54,3 +54,11 @@ def synthetic_dir(tmp_path_factory) -> Path:
     """A small synthetic set with masks: 4 classes, 800 train, 200 val, 400 test, 3x32x32."""
     return prepare("synthetic", tmp_path_factory,
                    ["synthetic", "--train-size", "1000", "--test-size", "400", "--val", "200", "--seed", "0"])
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_dir(tmp_path_factory) -> Path:
+    """A tiny synthetic set for commands that only check and plan: 4 classes of 16x16, 600 train, 100 val, 200 test."""
+    return prepare("tiny_synthetic", tmp_path_factory,
+                   ["synthetic", "--train-size", "600", "--test-size", "200", "--val", "100", "--classes", "4",
+                    "--size", "16x16", "--seed", "0"])

@@ -1,5 +1,5 @@
 """Every nonsense config value stops the CLI with a message naming the key, and a non-zero exit; every key is
-documented beside its field and in docs/config.md's table."""
+documented beside its field, and its choices and flag come from there (docs/config.md's table: tests/test_docs.py)."""
 import re
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vpn_dist.cli import main
-from vpn_dist.config import RunConfig, apply_overrides, config_keys, load_yaml, preset, validate
+from vpn_dist.config import RunConfig, apply_overrides, config_keys, from_dict, load_yaml, preset, validate
 from vpn_dist.errors import UserError
 
 GOOD = ["--base", "dnn3", "--generator", "dnn3", "--mode", "joint", "--epochs", "1"]
@@ -139,58 +139,43 @@ def test_every_config_key_has_its_doc_beside_it():
     assert not undocumented, f"give these fields metadata={{'doc': ...}} (config.setting): {undocumented}"
 
 
-CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+CHOICE_KEYS = [key for key, f in config_keys().items() if f.metadata["choices"]]
 
 
-def docs_config_table() -> dict[str, str]:
-    """docs/config.md's "Config keys" table as key -> default text; a row may group keys: "`a`, `b` | 1, 2 | ..."."""
-    text = CONFIG_DOC.read_text()
-    section = text[text.index("\n## Config keys\n"):]
-    end = section.find("\n## ", 1)
-    section = section if end < 0 else section[:end]
-    table: dict[str, str] = {}
-    for line in section.splitlines():
-        if not line.startswith("| `"):
-            continue
-        key_cell, default_cell = (cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:3])
-        keys = re.findall(r"`([^`]+)`", key_cell)
-        defaults = [d.strip() for d in default_cell.split(",")] if len(keys) > 1 else [default_cell]
-        assert len(keys) == len(defaults), f"docs/config.md row lists {len(keys)} keys and {len(defaults)} defaults: {line}"
-        for key, default in zip(keys, defaults):
-            assert key not in table, f"docs/config.md lists {key} twice"
-            table[key] = default
-    return table
+@pytest.mark.parametrize("key", CHOICE_KEYS)
+def test_a_key_with_choices_takes_only_them(key):
+    """validate checks every key's choices from its setting; each choice passes where the rest of the config
+    allows it, a value outside them names the key and its choices."""
+    good = from_dict({"out": "/x", "data.path": "/d"})
+    allowed = config_keys()[key].metadata["choices"]
+    with pytest.raises(UserError, match=re.escape(f"{key!r}") + ".*" + re.escape(", ".join(allowed))):
+        validate(apply_overrides(from_dict({"out": "/x", "data.path": "/d"}), [f"{key}=surely-not-a-choice"]))
+    validate(good)
 
 
-def as_value(text: str):
-    """A documented default as Python: YAML scalars (true, null, 256), floats YAML leaves as text (5e-4), "" for blank."""
-    if not text:
-        return ""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+def test_train_flags_are_made_from_the_settings(capsys):
+    """Each key with a flag gets it, with the key's doc and choices; a flag sets its key; no other flag names a key."""
+    import argparse
 
+    from vpn_dist.cli import add_train_arguments
 
-def test_docs_config_table_lists_every_key_with_its_default():
-    table = docs_config_table()
-    keys = config_keys()
-    missing = {key: f for key, f in keys.items() if key not in table}
-    assert not missing, "docs/config.md's Config keys table lacks: " + "; ".join(
-        f"`{key}` | {f.default} | {f.metadata['doc']}" for key, f in missing.items())
-    assert not set(table) - set(keys), f"docs/config.md lists keys the config does not have: {set(table) - set(keys)}"
-    for key, f in keys.items():
-        value = as_value(table[key])
-        assert value == f.default and isinstance(value, bool) == isinstance(f.default, bool), \
-            f"docs/config.md gives {key} the default {table[key]!r}, the config {f.default!r}"
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    flagged = {f.metadata["flag"]: key for key, f in config_keys().items() if f.metadata["flag"]}
+    assert {"--data", "--base", "--generator", "--mode", "--epochs", "--out", "--init-from", "--workers", "--gpu",
+            "--cpus-per-worker"} == set(flagged)
+    for flag, key in flagged.items():
+        assert by_flag[flag].dest == key and config_keys()[key].metadata["doc"] in by_flag[flag].help
+        assert by_flag[flag].choices == config_keys()[key].metadata["choices"]
+    args = parser.parse_args(["--mode", "random", "--epochs", "3", "--gpu", "--cpus-per-worker", "2"])
+    assert (getattr(args, "vpn.mode"), getattr(args, "train.epochs"), getattr(args, "dist.gpu"),
+            getattr(args, "dist.cpus_per_worker"), getattr(args, "model.base")) == ("random", 3, True, 2, None)
 
 
 def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
     import vpn_dist.config as config
-    from vpn_dist.reproduce.grid import Plan, Run, run_config
+    from vpn_dist.reproduce.grid import Plan, GridRun, run_config
 
     def odd_defaults() -> RunConfig:  # defaults a later change might pick
         cfg = RunConfig.__new__(RunConfig)
@@ -202,8 +187,39 @@ def test_reproduce_runs_the_paper_preset_whatever_the_defaults_are(monkeypatch):
     monkeypatch.setattr(config, "RunConfig", odd_defaults)
     assert config.from_dict({}).train.lr == 0.5  # the patch reaches the defaults
     plan = Plan(tables=[1], data={"fashion-mnist": "/data/fm"}, seeds=1, overrides=["train.weight_decay=0.001"])
-    cfg = run_config(plan, Run("fashion-mnist", "dnn3", "dnn3", "joint", 0, (1,)), Path("/runs"))
+    cfg = run_config(plan, GridRun("fashion-mnist", "dnn3", "dnn3", "joint", 0, (1,)), Path("/runs"))
     t = cfg.train
     assert (t.optimizer, t.lr, t.lr_schedule, t.amp, t.epochs, t.batch_size, t.momentum, cfg.vpn.m) == \
         ("sgd", 1e-3, "cosine", "off", 40, 256, 0.9, 1)
     assert t.weight_decay == 0.001  # the plan's --set still applies over the preset
+
+
+@pytest.mark.parametrize("code", ["import vpn_dist.errors", "import vpn_dist.config", "import data_prep, data_prep.cli",
+                                  "import vpn_dist; vpn_dist.RunConfig",
+                                  "from vpn_dist.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"])
+def test_light_imports_and_help_load_no_torch_ray_or_ffcv(code):
+    """The package loads a module when one of its names is first used: errors, config, data_prep and `vpn-dist
+    --help` stay light (a fresh interpreter, so nothing imported before counts)."""
+    import subprocess
+    import sys
+
+    heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'ray', 'ffcv'})"
+    result = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint({heavy})"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", f"{code!r} loaded {result.stdout.splitlines()[-1]}"
+
+
+def test_a_public_name_loads_its_module_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, vpn_dist\nassert 'torch' not in sys.modules\nfrom vpn_dist import vpn_loss, build_base\n"
+            "assert vpn_loss.__module__ == 'vpn_dist.method' and build_base.__module__ == 'vpn_dist.models'\n"
+            "assert 'torch' in sys.modules and 'ray' not in sys.modules\n"
+            "assert set(vpn_dist.__all__) <= set(dir(vpn_dist))\n"
+            "try:\n    vpn_dist.nonsense\nexcept AttributeError as err:\n    assert 'nonsense' in str(err)\n"
+            "else:\n    raise SystemExit('no AttributeError')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr

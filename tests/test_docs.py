@@ -1,8 +1,8 @@
 """README is a front page and docs/ holds the rest: every relative link and anchor in the Markdown resolves,
 README links every docs page, and the commands of the benchmark summary parse.
 
-(Fenced `vpn-dist` commands of README.md and docs/*.md are parsed in tests/test_cluster_files.py, docs/config.md's
-key table is checked in tests/test_config.py, docs/api.md's example runs in tests/test_readme.py.)
+(Fenced `vpn-dist` commands of README.md and docs/*.md are parsed in tests/test_cluster_files.py, docs/api.md's
+example runs in tests/test_readme.py.)
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster_files import check_vpn_command
+from cli_commands import check_vpn_command
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -101,6 +101,21 @@ def test_readme_is_a_front_page():
     assert not unlinked, f"README.md does not link these docs pages (add them to its Documentation list): {unlinked}"
     images = [t for t in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _prose(README.read_text()))]
     assert images and all((REPO / t).is_file() for t in images), images
+
+
+def test_the_config_key_table_is_made_from_the_settings():
+    """docs/config.md's key table is RunConfig's settings as `markdown_table` writes them: every key, its default and
+    its doc, so the page cannot drift from the code."""
+    from vpn_dist.config import config_keys, markdown_table
+
+    text = (REPO / "docs" / "config.md").read_text()
+    section = text[text.index("\n## Config keys\n"):]
+    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| ")) + "\n"
+    assert table.count("\n| `") == len(config_keys())
+    assert table == markdown_table(), ("docs/config.md's Config keys table differs from the settings in "
+                                       "vpn_dist/config.py; paste in `vpn_dist.config.markdown_table()`:\n"
+                                       + markdown_table())
 
 
 def _summary_commands() -> list[tuple[str, list[str]]]:

@@ -510,11 +510,13 @@ import os, signal, sys, time
 import data_prep.write as write
 
 real_write, real_sleep = write.write_beton, time.sleep
+command_pid = os.getpid()
 
 def write_beton(*args, **kwargs):  # the signal arrives while FFCV's writer processes run
     def sleep(seconds):
-        time.sleep = real_sleep
-        os.kill(os.getpid(), int(os.environ["SIGNAL"]))
+        if os.getpid() == command_pid:  # the command's own first wait (a forked writer inherits this function)
+            time.sleep = real_sleep
+            os.kill(command_pid, int(os.environ["SIGNAL"]))
         real_sleep(seconds)
     time.sleep = sleep
     return real_write(*args, **kwargs)

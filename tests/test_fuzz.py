@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_data_prep import make_cifar_batches, make_fashion, make_tiny_imagenet, make_tree
+from source_trees import make_cifar_batches, make_fashion, make_tiny_imagenet, make_tree
 from vpn_dist.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

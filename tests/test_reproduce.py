@@ -10,12 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from polling import poll_until
 from vpn_dist.reproduce.grid import Plan, check_plan, grid, paper_numbers
 from vpn_dist.reproduce.report import mean_std, metric_rows, summary, write_report
 from vpn_dist.reproduce.stats import compare
@@ -57,18 +57,8 @@ def test_paper_tables_are_the_papers_numbers():
 # ---------------------------------------------------------------- the grid
 
 
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory) -> Path:
-    from vpn_dist.cli import main
-
-    out = tmp_path_factory.mktemp("reproduce_data") / "syn"
-    assert main(["prep", "synthetic", "--out", str(out), "--train-size", "600", "--test-size", "200", "--val", "100",
-                 "--classes", "4", "--size", "16x16", "--seed", "0"]) == 0
-    return out
-
-
-def test_grid_shares_baselines_between_tables_one_and_two(synthetic_dir):
-    plan = Plan(tables=[1, 2], data={"synthetic": str(synthetic_dir)}, seeds=2, bases=["sr", "dnn3"],
+def test_grid_shares_baselines_between_tables_one_and_two(tiny_synthetic_dir):
+    plan = Plan(tables=[1, 2], data={"synthetic": str(tiny_synthetic_dir)}, seeds=2, bases=["sr", "dnn3"],
                 generators=["dnn3"])
     runs = grid(plan)
     cells = {(r.base, r.generator, r.mode) for r in runs}
@@ -88,11 +78,11 @@ def test_grid_shares_baselines_between_tables_one_and_two(synthetic_dir):
     (["--table", "1", "--generators", "unet"], "unknown generator 'unet'"),
     (["--table", "1", "--set", "train.lr=-1"], "train.lr"),
 ])
-def test_bad_grids_fail_before_anything_starts(synthetic_dir, tmp_path, capsys, argv, message):
+def test_bad_grids_fail_before_anything_starts(tiny_synthetic_dir, tmp_path, capsys, argv, message):
     from vpn_dist.cli import main
 
     out = tmp_path / "grid"
-    argv = ["reproduce", "--data", str(synthetic_dir), "--out", str(out), *argv]
+    argv = ["reproduce", "--data", str(tiny_synthetic_dir), "--out", str(out), *argv]
     if "--seeds" not in argv:
         argv += ["--seeds", "2"]
     assert main(argv) == 2
@@ -101,16 +91,16 @@ def test_bad_grids_fail_before_anything_starts(synthetic_dir, tmp_path, capsys, 
     assert not out.exists()
 
 
-def test_resume_takes_the_starting_flags_again_and_refuses_different_ones(synthetic_dir, tmp_path):
+def test_resume_takes_the_starting_flags_again_and_refuses_different_ones(tiny_synthetic_dir, tmp_path):
     import argparse
 
     from vpn_dist.errors import UserError
-    from vpn_dist.reproduce import _new_plan, _resumed_plan, add_arguments
+    from vpn_dist.reproduce.command import _new_plan, _resumed_plan, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "grid"
-    start = ["--table", "2", "--table", "1", "--data", str(synthetic_dir), "--seeds", "2", "--out", str(out),
+    start = ["--table", "2", "--table", "1", "--data", str(tiny_synthetic_dir), "--seeds", "2", "--out", str(out),
              "--bases", "sr", "--generators", "dnn3", "--set", "train.epochs=1"]
     _new_plan(parser.parse_args(start), out)
     again = _resumed_plan(parser.parse_args([*start, "--resume", "--seeds", "3"]), out)
@@ -269,71 +259,71 @@ def test_the_committed_grids_keep_their_plan_fingerprints_and_name_no_machine_pa
 def _parser():
     import argparse
 
-    from vpn_dist.reproduce import add_arguments
+    from vpn_dist.reproduce.command import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser
 
 
-def test_a_grid_resumes_on_another_machine_with_the_same_data_elsewhere(synthetic_dir, tmp_path):
+def test_a_grid_resumes_on_another_machine_with_the_same_data_elsewhere(tiny_synthetic_dir, tmp_path):
     import shutil
 
     from vpn_dist.errors import UserError
-    from vpn_dist.reproduce import _new_plan, _resumed_plan
+    from vpn_dist.reproduce.command import _new_plan, _resumed_plan
     from vpn_dist.reproduce.grid import data_fingerprint
 
     out = tmp_path / "grid"
-    start = ["--table", "1", "--data", str(synthetic_dir), "--seeds", "1", "--out", str(out), "--bases", "sr"]
+    start = ["--table", "1", "--data", str(tiny_synthetic_dir), "--seeds", "1", "--out", str(out), "--bases", "sr"]
     started = _new_plan(_parser().parse_args(start), out)
     saved = json.loads((out / "reproduce.json").read_text())
-    assert saved["data"] == {"synthetic": {"meta_fingerprint": data_fingerprint(synthetic_dir)}}
-    assert str(synthetic_dir) not in (out / "reproduce.json").read_text()
+    assert saved["data"] == {"synthetic": {"meta_fingerprint": data_fingerprint(tiny_synthetic_dir)}}
+    assert str(tiny_synthetic_dir) not in (out / "reproduce.json").read_text()
     assert _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out).data == {
-        "synthetic": str(synthetic_dir)}  # this machine remembers where its data is
+        "synthetic": str(tiny_synthetic_dir)}  # this machine remembers where its data is
 
     # another machine: the committed files only, the same preparation somewhere else
     (out / "runs" / "data-paths.json").unlink()
     with pytest.raises(UserError, match=r"synthetic \(not known on this machine\); give --data DIR"):
         _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)
     moved = tmp_path / "elsewhere" / "syn"
-    shutil.copytree(synthetic_dir, moved)
+    shutil.copytree(tiny_synthetic_dir, moved)
     resumed = _resumed_plan(_parser().parse_args(["--out", str(out), "--resume", "--data", str(moved)]), out)
     assert resumed.data == {"synthetic": str(moved)} and resumed.fingerprint() == started.fingerprint()
 
     other = tmp_path / "other" / "syn"  # prepared differently (another validation seed): not the grid's data
-    shutil.copytree(synthetic_dir, other)
+    shutil.copytree(tiny_synthetic_dir, other)
     meta = json.loads((other / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps({**meta, "val_seed": meta.get("val_seed", 0) + 1}))
     with pytest.raises(UserError, match="is not the grid's synthetic: its meta.json differs"):
         _resumed_plan(_parser().parse_args(["--out", str(out), "--resume", "--data", str(other)]), out)
 
 
-def test_a_plan_saved_with_data_paths_still_loads_and_resumes(synthetic_dir, tmp_path):
+def test_a_plan_saved_with_data_paths_still_loads_and_resumes(tiny_synthetic_dir, tmp_path):
     from vpn_dist.errors import UserError
-    from vpn_dist.reproduce import _resumed_plan
+    from vpn_dist.reproduce.command import _resumed_plan
     from vpn_dist.reproduce.grid import data_fingerprint
 
     out = tmp_path / "grid"
     out.mkdir()
-    old = {"tables": [1], "data": {"synthetic": str(synthetic_dir)}, "seeds": 1, "bases": ["sr"],
+    old = {"tables": [1], "data": {"synthetic": str(tiny_synthetic_dir)}, "seeds": 1, "bases": ["sr"],
            "generators": ["dnn3"], "modes": None, "epochs": None, "overrides": [], "gpus_per_trial": 0.0,
            "cpus_per_trial": 1}
     (out / "reproduce.json").write_text(json.dumps(old))
     plan = Plan.from_dict(old)
     before = plan.fingerprint()
-    assert plan.data == {"synthetic": str(synthetic_dir)} and plan.data_fingerprints == {"synthetic": None}
+    assert plan.data == {"synthetic": str(tiny_synthetic_dir)} and plan.data_fingerprints == {"synthetic": None}
     resumed = _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)  # the saved path is a hint
     assert resumed.fingerprint() == before
     assert json.loads((out / "reproduce.json").read_text())["data"] == {
-        "synthetic": {"meta_fingerprint": data_fingerprint(synthetic_dir)}}  # pinned from now on
+        "synthetic": {"meta_fingerprint": data_fingerprint(tiny_synthetic_dir)}}  # pinned from now on
     (out / "reproduce.json").write_text("{\"tables\": [1]}")
     with pytest.raises(UserError, match="is not a reproduction plan"):
         _resumed_plan(_parser().parse_args(["--out", str(out), "--resume"]), out)
 
 
 def test_a_finished_run_trained_again_is_counted_once_and_old_rows_say_unknown(tmp_path):
-    from vpn_dist.reproduce import Results
+    from vpn_dist.reproduce.command import Results
     from vpn_dist.reproduce.report import read_csv, run_rows
 
     plan = Plan(tables=[1], data={"synthetic": ""}, seeds=1, bases=["sr"], modes=["baseline", "joint"],
@@ -416,9 +406,9 @@ def test_grid_order_starts_a_generator_only_run_as_soon_as_its_baseline_finishes
 
 
 @pytest.mark.ray
-def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(synthetic_dir, tmp_path):
+def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(tiny_synthetic_dir, tmp_path):
     out = tmp_path / "grid"
-    argv = ["reproduce", "--table", "1", "--table", "2", "--data", str(synthetic_dir), "--seeds", "2", "--out", str(out),
+    argv = ["reproduce", "--table", "1", "--table", "2", "--data", str(tiny_synthetic_dir), "--seeds", "2", "--out", str(out),
             "--bases", "sr", "--generators", "dnn3", "--modes", "baseline,joint,generator-only", "--epochs", "1",
             "--max-concurrent", "2",
             "--set", "train.batch_size=100", "--set", "data.num_workers=1", "--set", "train.figure_every=100"]
@@ -426,15 +416,9 @@ def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(sy
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    finished_before: list[str] = []
     try:
-        while time.time() < deadline and first.poll() is None:
-            if (out / "runs.csv").is_file():
-                finished_before = sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
-                if finished_before:
-                    break
-            time.sleep(0.5)
+        finished_before = poll_until(lambda: sorted({r["run_id"] for r in _runs_csv(out) if r["status"] == "finished"})
+                                     if (out / "runs.csv").is_file() else [], first)
     finally:  # the driver and its local Ray, at once; also when this test fails, so no grid outlives it
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from scipy import stats
 
+from polling import poll_until
 from vpn_dist.cli import main
 from vpn_dist.reproduce.report import read_csv
 from vpn_dist.study import report as study_report
@@ -30,14 +30,6 @@ from vpn_dist.study.report import expected_best, expected_best_band
 from vpn_dist.study.spec import draw_params, load_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("study_data") / "syn"
-    assert main(["prep", "synthetic", "--out", str(out), "--train-size", "600", "--test-size", "200", "--val", "100",
-                 "--classes", "4", "--size", "16x16", "--seed", "0"]) == 0
-    return out
 
 
 def write_spec(path: Path, trials: int = 3, baseline_lr: str = "tune.loguniform(1e-3, 1e-2)", extra: str = "") -> Path:
@@ -121,11 +113,11 @@ def test_trial_parameters_are_seeded_per_axis_and_shared_between_arms():
     assert {d["train.weight_decay"] for d in draws} >= {0.0, 5e-4}
 
 
-def test_the_three_study_specs_resolve_to_valid_configs(tiny_data):
+def test_the_three_study_specs_resolve_to_valid_configs(tiny_synthetic_dir):
     from vpn_dist.study.spec import check_shared, trial_config
     from vpn_dist.sweep.space import dataset_table
 
-    datasets = dataset_table([str(tiny_data)], None)
+    datasets = dataset_table([str(tiny_synthetic_dir)], None)
     for name in ("study_fashion_mnist_dnn3", "study_fashion_mnist_sr", "study_cifar10_dnn3"):
         study = load_study(name)
         assert study.trials >= 40 and len(study.rerun_seeds) == 5
@@ -149,7 +141,7 @@ def test_the_three_study_specs_resolve_to_valid_configs(tiny_data):
     ([], lambda s: s.replace('"trials": 3,', '"trials": 3, "data": "cifar10",'), "is synthetic; study"),
     (["--trials", "0"], lambda s: s, "--trials must be at least 1"),
 ])
-def test_bad_studies_stop_before_anything_runs(tiny_data, tmp_path, capsys, monkeypatch, extra_argv, spec_edit,
+def test_bad_studies_stop_before_anything_runs(tiny_synthetic_dir, tmp_path, capsys, monkeypatch, extra_argv, spec_edit,
                                                message):
     import vpn_dist.study as study_cli
 
@@ -157,20 +149,20 @@ def test_bad_studies_stop_before_anything_runs(tiny_data, tmp_path, capsys, monk
     spec = write_spec(tmp_path / "spec.py")
     spec.write_text(spec_edit(spec.read_text()))
     out = tmp_path / "out"
-    code = main(["study", "--spec", str(spec), "--data", str(tiny_data), "--out", str(out), *extra_argv])
+    code = main(["study", "--spec", str(spec), "--data", str(tiny_synthetic_dir), "--out", str(out), *extra_argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("vpn-dist study: error: ") and message in err and err.count("\n") == 1, err
     assert not (out / "study.json").exists()
 
 
-def test_unknown_spec_missing_study_and_a_second_start_are_refused(tiny_data, tmp_path, capsys):
-    assert main(["study", "--spec", "study_nope", "--data", str(tiny_data), "--out", str(tmp_path / "a")]) == 2
+def test_unknown_spec_missing_study_and_a_second_start_are_refused(tiny_synthetic_dir, tmp_path, capsys):
+    assert main(["study", "--spec", "study_nope", "--data", str(tiny_synthetic_dir), "--out", str(tmp_path / "a")]) == 2
     assert "unknown study spec 'study_nope'; specs are study_cifar10_dnn3" in capsys.readouterr().err
     assert main(["study", "--out", str(tmp_path / "a"), "--resume"]) == 2
     assert "holds no study (no study.json)" in capsys.readouterr().err
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "study.json").write_text("{}")
-    assert main(["study", "--spec", "study_smoke", "--data", str(tiny_data), "--out", str(tmp_path / "b")]) == 2
+    assert main(["study", "--spec", "study_smoke", "--data", str(tiny_synthetic_dir), "--out", str(tmp_path / "b")]) == 2
     assert "already holds a study; continue it with --resume" in capsys.readouterr().err
 
 
@@ -204,14 +196,14 @@ def test_generator_init_std_sets_the_dnn3_generators_start_and_is_validated():
             validate(apply_overrides(from_dict({"out": "/x", "data.path": "/d"}), bad))
 
 
-def test_the_run_builds_its_generator_with_the_configured_init(tiny_data):
+def test_the_run_builds_its_generator_with_the_configured_init(tiny_synthetic_dir):
     from vpn_dist.config import from_dict
     from vpn_dist.data import read_meta
     from vpn_dist.train import build_models
 
-    meta = read_meta(tiny_data)
+    meta = read_meta(tiny_synthetic_dir)
     for init, std in ((None, 0.002), (0.02, 0.02)):
-        cfg = from_dict({"out": "/x", "data.path": str(tiny_data), "model.generator_init_std": init})
+        cfg = from_dict({"out": "/x", "data.path": str(tiny_synthetic_dir), "model.generator_init_std": init})
         _, generator = build_models(cfg, meta, torch.device("cpu"))
         assert generator.net[1].weight.std().item() == pytest.approx(std, rel=0.05)
 
@@ -251,9 +243,9 @@ def _hand_made_study(out: Path, spec: Path, data: Path) -> None:
     write_csv(out / "seeds.csv", seeds, study_report.SEED_COLUMNS)
 
 
-def test_report_from_hand_made_csv_files(tiny_data, tmp_path, capsys):
+def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     out = tmp_path / "study"
-    _hand_made_study(out, write_spec(tmp_path / "spec.py", trials=4), tiny_data)
+    _hand_made_study(out, write_spec(tmp_path / "spec.py", trials=4), tiny_synthetic_dir)
     assert main(["study", "--out", str(out), "--report-only"]) == 0
     text = (out / "report.md").read_text()
 
@@ -352,13 +344,13 @@ class FakeTune:
         return trials
 
 
-def test_a_killed_study_resumes_from_trials_csv_without_rerunning_finished_trials(tiny_data, tmp_path, monkeypatch,
+def test_a_killed_study_resumes_from_trials_csv_without_rerunning_finished_trials(tiny_synthetic_dir, tmp_path, monkeypatch,
                                                                                   capsys):
     import vpn_dist.study as study_cli
 
     spec = write_spec(tmp_path / "spec.py", trials=4)
     out = tmp_path / "study"
-    argv = ["study", "--spec", str(spec), "--data", str(tiny_data), "--out", str(out)]
+    argv = ["study", "--spec", str(spec), "--data", str(tiny_synthetic_dir), "--out", str(out)]
     first = FakeTune(ctrl_c_after=2)  # Ctrl-C while trial 2 runs
     monkeypatch.setattr(study_cli.driver, "run_trials", first)
     assert main(argv) == 130
@@ -408,7 +400,7 @@ def test_a_killed_study_resumes_from_trials_csv_without_rerunning_finished_trial
         shutil.copy(out / name, moved / name)
     third = FakeTune()
     monkeypatch.setattr(study_cli.driver, "run_trials", third)
-    assert main(["study", "--out", str(moved), "--resume", "--data", str(tiny_data)]) == 0
+    assert main(["study", "--out", str(moved), "--resume", "--data", str(tiny_synthetic_dir)]) == 0
     assert third.trained == [] and csv_rows(moved / "trials.csv") == csv_rows(out / "trials.csv")
 
     # a changed spec: the baseline trials drawn from the new lr range run again, and the winners' re-runs with them
@@ -452,9 +444,9 @@ def test_asha_rungs_replayed_from_finished_trials_judge_new_ones():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_study_end_to_end_kill_and_resume(tiny_data, tmp_path):
+def test_tiny_study_end_to_end_kill_and_resume(tiny_synthetic_dir, tmp_path):
     out = tmp_path / "study"
-    argv = ["study", "--spec", "study_smoke", "--data", str(tiny_data), "--out", str(out), "--trials", "3",
+    argv = ["study", "--spec", "study_smoke", "--data", str(tiny_synthetic_dir), "--out", str(out), "--trials", "3",
             "--max-concurrent", "2"]
     # a loaded machine starts Ray Train's worker in more than its default 60 s; a retry after that can leak the first
     # attempt's placement group and wait for ever
@@ -463,12 +455,9 @@ def test_tiny_study_end_to_end_kill_and_resume(tiny_data, tmp_path):
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    finished: list[dict[str, str]] = []
-    deadline = time.time() + 1200
-    while time.time() < deadline and first.poll() is None and not finished:
-        if (out / "trials.csv").is_file():
-            finished = [r for r in csv_rows(out / "trials.csv") if r["status"] in ("completed", "early-stopped")]
-        time.sleep(0.5)
+    done = ("completed", "early-stopped")
+    finished = poll_until(lambda: [r for r in csv_rows(out / "trials.csv") if r["status"] in done]
+                          if (out / "trials.csv").is_file() else [], first)
     assert finished, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray at once, mid-study
     first.wait()

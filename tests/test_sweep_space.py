@@ -70,3 +70,31 @@ def test_the_paper_space_sweeps_around_the_paper_preset_and_the_others_around_th
         cfg = resolve_trial(trial, settings, "/o/trials/t")
         optimizers[name] = (cfg.train.optimizer, cfg.train.lr_schedule, cfg.train.amp, cfg.train.lr)
     assert optimizers == {"paper": ("sgd", "cosine", "off", 2e-3), "smoke": ("adam", "constant", "auto", 2e-3)}
+
+
+def test_one_resolver_places_every_commands_trials_alike():
+    """tune, reproduce and study resolve a trial through sweep.trial: values < --set < --epochs < placement, and
+    each trial reserves what its config's dist section asks for."""
+    from vpn_dist.config import preset
+    from vpn_dist.reproduce.grid import Plan
+    from vpn_dist.study.spec import Plan as StudyPlan
+    from vpn_dist.sweep.trial import TrialResources, resolve_config
+
+    shared = TrialResources.one_worker(cpus_per_trial=3, gpus_per_trial=0.25)
+    assert shared.reserved() == {"CPU": 3, "GPU": 0.25}
+    assert TrialResources.one_worker(cpus_per_trial=1, gpus_per_trial=0.0).reserved() == {"CPU": 1}
+    assert TrialResources(workers=2, cpus_per_worker=2, gpu=True).reserved() == {"CPU": 4, "GPU": 2}
+    cfg = resolve_config({"vpn.m": 2, "train.epochs": 9}, base=preset("paper"), overrides=["train.lr=0.01"], epochs=3,
+                         run_dir="/runs/r", data_path="/data", resources=shared)
+    assert (cfg.vpn.m, cfg.train.lr, cfg.train.epochs, cfg.train.optimizer, cfg.out, cfg.data.path) == \
+        (2, 0.01, 3, "sgd", "/runs/r", "/data")
+    assert (cfg.dist.workers, cfg.dist.cpus_per_worker, cfg.dist.gpu, cfg.dist.gpus_per_worker) == (1, 3, True, 0.25)
+    two = resolve_config({}, base=None, overrides=[], epochs=None, run_dir="/r", data_path="/d",
+                         resources=TrialResources(workers=2, cpus_per_worker=1, gpu=True, gpus_per_trial=1.0))
+    assert (two.dist.workers, two.dist.gpus_per_worker) == (2, 0.5)  # the trial's GPU shared by its workers
+    grid = Plan(tables=[1], data={"fashion-mnist": "/data/fm"}, seeds=1, cpus_per_trial=3, gpus_per_trial=0.25)
+    study = StudyPlan(spec="s", data="/d", data_label="d", num_classes=10, base="sr", epochs=1, trials=1,
+                      cpus_per_trial=3, gpus_per_trial=0.25)
+    sweep = SweepSettings(space="s", out="/o", datasets={}, workers=1, cpus_per_worker=3, gpu=True,
+                          gpus_per_trial=0.25)
+    assert grid.resources() == study.resources() == sweep.resources() == shared

@@ -12,11 +12,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from polling import poll_until
 
 pytestmark = pytest.mark.ray
 
@@ -123,7 +124,7 @@ def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_pat
     driver = subprocess.Popen([sys.executable, "-m", "vpn_dist.cli", *argv], cwd=REPO, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        finished_first = _wait_for_finished_trial(out, driver, timeout=600)
+        finished_first = _wait_for_finished_trial(out, driver)
         driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the running trials
         log, _ = driver.communicate(timeout=120)
     finally:
@@ -149,21 +150,24 @@ def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_pat
     assert len(list((out / "best").glob("*.yaml"))) == 2
 
 
-def _wait_for_finished_trial(out: Path, driver: subprocess.Popen, timeout: float) -> str:
-    """The id of the first trial whose run finished all its epochs (as Tune has it on disk)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert driver.poll() is None, driver.stdout.read()[-4000:]
-        for metrics in (out / "trials").glob("*/metrics.json"):
-            try:
-                done = json.loads(metrics.read_text())
-            except ValueError:
-                continue
-            if done.get("epochs_completed") == done.get("epochs_planned"):
-                time.sleep(2)  # let Tune record the trial as terminated
-                return metrics.parent.name
-        time.sleep(0.5)
-    raise AssertionError(f"no trial finished within {timeout}s")
+def _wait_for_finished_trial(out: Path, driver: subprocess.Popen) -> str:
+    """The id of the first trial that Tune's saved experiment state records as terminated (its run finished), while
+    the driver still runs."""
+    terminated = poll_until(lambda: _terminated_on_disk(out / "tune"), driver)
+    assert terminated and driver.poll() is None, driver.stdout.read()[-4000:]
+    return terminated[0]
+
+
+def _terminated_on_disk(state_dir: Path) -> list[str]:
+    """The trials Tune's experiment state (which it saves every few seconds) holds as TERMINATED."""
+    found = []
+    for state in state_dir.glob("experiment_state-*.json"):
+        try:
+            trials = [json.loads(trial) for trial, _ in json.loads(state.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError):  # being rewritten
+            continue
+        found += [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+    return sorted(found)
 
 
 @pytest.mark.parametrize("body,message", [

@@ -1,20 +1,29 @@
 """vpn-dist: Variational Positive-incentive Noise (VPN) at scale.
 
 The public API: the method (any PyTorch classifier), the paper's models, the run config and the trainer.
-The names `train` and `evaluate` are also submodules; they are bound here eagerly, after those submodules load,
-so `from vpn_dist import train` gives the function whatever was imported before (Ray and FFCV still load only
-when a run starts).
+Each name loads its module on first use, so importing a light module of the package (`vpn_dist.errors`,
+`vpn_dist.config`) or running `vpn-dist --help` loads no torch, torchvision, Ray or FFCV.
 """
-from vpn_dist.config import RunConfig
-from vpn_dist.data import Loader, read_meta
-from vpn_dist.method import (alg2_predict, alg2_scores, bound_sigma, condition, generate_sigma, predict_no_noise,
-                             random_pixel_noise, sample_noise, vpn_loss)
-from vpn_dist.models import build_base, build_generator
-from vpn_dist.evaluate import evaluate  # noqa: E402 - after vpn_dist.evaluate (the module) has loaded
-from vpn_dist.launch import train  # noqa: E402 - after vpn_dist.train (the module) has loaded
+import importlib
 
-__all__ = [
-    "condition", "bound_sigma", "generate_sigma", "sample_noise", "vpn_loss", "random_pixel_noise",
-    "alg2_scores", "alg2_predict", "predict_no_noise", "build_base", "build_generator",
-    "RunConfig", "train", "evaluate", "Loader", "read_meta",
-]
+# public name -> the module that defines it
+_HOMES = {
+    **dict.fromkeys(("condition", "bound_sigma", "generate_sigma", "sample_noise", "vpn_loss", "random_pixel_noise",
+                     "alg2_scores", "alg2_predict", "predict_no_noise"), "vpn_dist.method"),
+    "build_base": "vpn_dist.models", "build_generator": "vpn_dist.models",
+    "RunConfig": "vpn_dist.config", "train": "vpn_dist.launch", "evaluate": "vpn_dist.evaluate",
+    "Loader": "vpn_dist.data", "read_meta": "vpn_dist.data",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'vpn_dist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

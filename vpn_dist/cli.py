@@ -3,33 +3,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import signal
 import sys
 import threading
 
-from vpn_dist.config import MODES, PRESETS
+from vpn_dist.config import PRESETS, train_flags
 from vpn_dist.errors import Interrupted, TrainingFailed, UserError, os_error_text
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="directory written by `vpn-dist prep` (data.path)")
-    p.add_argument("--base", help="base model: sr, dnn3, resnet18/34/50 or a torchvision classifier (model.base)")
-    p.add_argument("--generator", help="noise generator: dnn3, resnet18 or none (model.generator)")
-    p.add_argument("--mode", choices=MODES, help="joint, generator-only, baseline or random (vpn.mode)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--out", help="run directory: config.yaml, metrics.json, checkpoints/, tb/")
+    for key, f in train_flags().items():  # a flag per key that has one: its help, type and choices from its setting
+        help_text = f"{f.metadata['doc']} ({key})"
+        if str(f.type) == "bool":
+            p.add_argument(f.metadata["flag"], dest=key, action="store_true", default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
+            p.add_argument(f.metadata["flag"], dest=key, type=kind, choices=f.metadata["choices"], help=help_text,
+                           metavar=None if f.metadata["choices"] else f.metadata["flag"][2:].upper().replace("-", "_"))
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings under --config, flags and --set: paper "
                                                             "(the paper's protocol: SGD, lr 1e-3, cosine, fp32)")
     p.add_argument("--config", help="a YAML run config (configs/*.yaml); flags and --set override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set vpn.m=4 --set train.amp=bf16 (repeatable)")
-    p.add_argument("--init-from", help="generator-only: run directory of the trained base model")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its configured epoch count")
-    p.add_argument("--workers", type=int, help="Ray Train workers (dist.workers); omit to train in this process")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray worker (dist.gpu)")
-    p.add_argument("--cpus-per-worker", type=int, help="CPUs per Ray worker (dist.cpus_per_worker)")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's own log lines (a report per rank "
                                                           "and epoch, checkpoint notices; always in Ray's log files)")
 
@@ -37,11 +36,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from vpn_dist.launch import config_from_args, load_run, train
 
-    flags = {"data.path": args.data, "model.base": args.base, "model.generator": args.generator,
-             "vpn.mode": args.mode, "train.epochs": args.epochs, "out": args.out, "train.init_from": args.init_from,
-             "dist.workers": args.workers, "dist.gpu": args.gpu, "dist.cpus_per_worker": args.cpus_per_worker}
+    flags = {key: getattr(args, key) for key in train_flags()}
     if args.resume:
-        if args.out and args.out != args.resume:
+        if flags["out"] and flags["out"] != args.resume:
             raise UserError("--resume continues RUN_DIR in place; drop --out or give the same directory")
         flags["out"] = args.resume
     base = load_run(args.resume) if args.resume else None
@@ -61,89 +58,74 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from data_prep import cli as prep_cli
-    from vpn_dist.benchmarks import authors as bench_authors
-    from vpn_dist.benchmarks import evaluation as bench_eval
-    from vpn_dist.benchmarks import loader as bench_loader
-    from vpn_dist.benchmarks import roofline as bench_roofline
-    from vpn_dist.benchmarks import subnormal as bench_subnormal
-    from vpn_dist.benchmarks import training as bench_training
+# Each command: its help line, and where its arguments and its handler are ("module:adder:handler"). A command's
+# module is imported only when the command is parsed, so `vpn-dist --help` and `vpn-dist prep` load no torch or Ray.
+COMMANDS = {
+    "prep": ("convert a data set to FFCV .beton files", "data_prep.cli:add_arguments:run"),
+    "train": ("train VPN (or an ablation) in this process or on Ray Train workers",
+              "vpn_dist.cli:add_train_arguments:run_train"),
+    "eval": ("recompute a run's test metrics from its last checkpoint", "vpn_dist.cli:add_eval_arguments:run_eval"),
+    "tune": ("a Ray Tune sweep of VPN runs (ASHA on validation accuracy)", "vpn_dist.tune:add_arguments:run"),
+    "reproduce": ("a paper table's grid (cells x seeds) on Ray Tune, reported beside the paper",
+                  "vpn_dist.reproduce.command:add_arguments:run"),
+    "study": ("does tuning rescue VPN? the baseline and VPN tuned with one budget, the winners re-run with fresh "
+              "seeds, expected-best curves", "vpn_dist.study:add_arguments:run"),
+    "bench": ("benchmarks that print figures and ratios", "vpn_dist.cli:add_bench_arguments:"),
+}
+BENCHMARKS = {
+    "loader": ("FFCV loader vs torchvision ImageFolder vs in-memory", "vpn_dist.benchmarks.loader:add_arguments:run"),
+    "ray": ("Ray Train overhead: in-process vs 1 vs 2 workers, same job",
+            "vpn_dist.benchmarks.training:add_ray_arguments:run_ray"),
+    "eval": ("what an evaluation pass costs: Algorithm 2 (with and without its shared first layer) and no noise",
+             "vpn_dist.benchmarks.evaluation:add_arguments:run"),
+    "roofline": ("a training step and an evaluation pass against this device's measured GEMM and conv peak (FLOPs "
+                 "by torch's flop counter)", "vpn_dist.benchmarks.roofline:add_arguments:run"),
+    "subnormal": ("a run's training step from its checkpoint with IEEE subnormal floats vs flushed to zero (CPU)",
+                  "vpn_dist.benchmarks.subnormal:add_arguments:run"),
+    "authors": ("the authors' training loop vs vpn-dist train on the paper's protocol (Fashion-MNIST, DNN3), fp32 and "
+                "the default precision", "vpn_dist.benchmarks.authors:add_arguments:run"),
+    "train": ("in-process training throughput (e.g. on a GPU box)",
+              "vpn_dist.benchmarks.training:add_train_arguments:run_train"),
+}
 
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", help="data directory (default: the run's)")
+    p.add_argument("--alg2-top-k", type=int, metavar="K",
+                   help="Algorithm 2 over the K classes most probable under h(x) (0: exact; default: the run's)")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    _add_commands(p.add_subparsers(dest="bench", required=True), BENCHMARKS, chosen=None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line, only the command it names is built in full."""
     parser = argparse.ArgumentParser(prog="vpn-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    prep = sub.add_parser("prep", help="convert a data set to FFCV .beton files")
-    prep_cli.add_arguments(prep)
-    prep.set_defaults(handler=prep_cli.run)
-
-    train = sub.add_parser("train", help="train VPN (or an ablation) in this process or on Ray Train workers")
-    add_train_arguments(train)
-    train.set_defaults(handler=run_train)
-
-    evaluate = sub.add_parser("eval", help="recompute a run's test metrics from its last checkpoint")
-    evaluate.add_argument("--run", required=True, help="run directory")
-    evaluate.add_argument("--data", help="data directory (default: the run's)")
-    evaluate.add_argument("--alg2-top-k", type=int, metavar="K",
-                          help="Algorithm 2 over the K classes most probable under h(x) (0: exact; default: the run's)")
-    evaluate.set_defaults(handler=run_eval)
-
-    from vpn_dist import tune as tune_mod
-
-    tune = sub.add_parser("tune", help="a Ray Tune sweep of VPN runs (ASHA on validation accuracy)")
-    tune_mod.add_arguments(tune)
-    tune.set_defaults(handler=tune_mod.run)
-
-    from vpn_dist import reproduce as reproduce_mod
-
-    reproduce = sub.add_parser("reproduce", help="a paper table's grid (cells x seeds) on Ray Tune, reported beside "
-                                                 "the paper")
-    reproduce_mod.add_arguments(reproduce)
-    reproduce.set_defaults(handler=reproduce_mod.run)
-
-    from vpn_dist import study as study_mod
-
-    study = sub.add_parser("study", help="does tuning rescue VPN? the baseline and VPN tuned with one budget, the "
-                                         "winners re-run with fresh seeds, expected-best curves")
-    study_mod.add_arguments(study)
-    study.set_defaults(handler=study_mod.run)
-
-    bench = sub.add_parser("bench", help="benchmarks that print figures and ratios")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    loader = bench_sub.add_parser("loader", help="FFCV loader vs torchvision ImageFolder vs in-memory")
-    bench_loader.add_arguments(loader)
-    loader.set_defaults(handler=bench_loader.run)
-    ray_bench = bench_sub.add_parser("ray", help="Ray Train overhead: in-process vs 1 vs 2 workers, same job")
-    bench_training.add_ray_arguments(ray_bench)
-    ray_bench.set_defaults(handler=bench_training.run_ray)
-    eval_bench = bench_sub.add_parser("eval", help="what an evaluation pass costs: Algorithm 2 (with and without "
-                                                   "its shared first layer) and no noise")
-    bench_eval.add_arguments(eval_bench)
-    eval_bench.set_defaults(handler=bench_eval.run)
-    roofline = bench_sub.add_parser("roofline", help="a training step and an evaluation pass against this device's "
-                                                     "measured GEMM and conv peak (FLOPs by torch's flop counter)")
-    bench_roofline.add_arguments(roofline)
-    roofline.set_defaults(handler=bench_roofline.run)
-    subnormal = bench_sub.add_parser("subnormal", help="a run's training step from its checkpoint with IEEE subnormal "
-                                                       "floats vs flushed to zero (CPU)")
-    bench_subnormal.add_arguments(subnormal)
-    subnormal.set_defaults(handler=bench_subnormal.run)
-    authors = bench_sub.add_parser("authors", help="the authors' training loop vs vpn-dist train on the paper's "
-                                                   "protocol (Fashion-MNIST, DNN3), fp32 and the default precision")
-    bench_authors.add_arguments(authors)
-    authors.set_defaults(handler=bench_authors.run)
-    train_bench = bench_sub.add_parser("train", help="in-process training throughput (e.g. on a GPU box)")
-    bench_training.add_train_arguments(train_bench)
-    train_bench.set_defaults(handler=bench_training.run_train)
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    _add_commands(parser.add_subparsers(dest="command", required=True), COMMANDS, chosen)
     return parser
 
 
+def _add_commands(sub, commands: dict[str, tuple[str, str]], chosen: str | None) -> None:
+    for name, (help_text, where) in commands.items():
+        command = sub.add_parser(name, help=help_text)
+        if chosen is None or name == chosen:
+            module, adder, handler = where.split(":")
+            loaded = importlib.import_module(module)
+            getattr(loaded, adder)(command)
+            if handler:
+                command.set_defaults(handler=getattr(loaded, handler))
+
+
 def main(argv: list[str] | None = None) -> int:
-    if not os.environ.get("RAY_ADDRESS"):  # no cluster to join: any Ray we start stays on loopback
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS") and args.command != "prep":  # (no module above imports Ray at its top)
         from vpn_dist.launch import local_ray_environment
 
-        local_ray_environment()
-    args = build_parser().parse_args(argv)
+        local_ray_environment()  # no cluster to join: any Ray we start stays on loopback
     with clean_stops():
         try:
             return args.handler(args) or 0

@@ -3,6 +3,10 @@
 RunConfig's defaults are what trains well on a user's own data; the paper's protocol is the named preset `paper`
 (`--preset paper`, or `preset: paper` at the top of a YAML file), which `configs/*` and `vpn-dist reproduce` use.
 Every nonsense value stops the run with a `UserError` that names the key and what is allowed.
+
+Each key's `setting(...)` is its one description: its default, its documentation, the values it allows and the
+`vpn-dist train` flag that sets it. The train command's key flags, the choices validation checks and the key table of
+docs/config.md (`markdown_table`, compared by tests/test_docs.py) are all made from it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import yaml
 from vpn_dist.errors import UserError
 
 MODES = ("joint", "generator-only", "baseline", "random", "isotropic")
+GENERATORS = ("dnn3", "resnet18")  # the authors' two noise generators (models.build_generator)
 BOUNDS = ("none", "elementwise", "norm")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
@@ -24,14 +29,23 @@ LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def setting(default: Any, doc: str) -> Any:
-    """A config field with its documentation beside it (docs/config.md's key table must agree: tests check it)."""
-    return field(default=default, metadata={"doc": doc})
+def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+    """A config field with its documentation beside it; `choices`: the values it allows (null too where its type is
+    optional); `flag`: the `vpn-dist train` option that sets it."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "flag": flag})
+
+
+# The paper's protocol (section 4.1; where it is silent, the authors' code: docs/fidelity.md), in fp32
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"train.epochs": 40, "train.batch_size": 256, "train.lr": 1e-3, "train.optimizer": "sgd",
+              "train.momentum": 0.9, "train.weight_decay": 5e-4, "train.lr_schedule": "cosine", "train.amp": "off",
+              "vpn.gamma": None, "vpn.m": 1, "vpn.bound": "none", "vpn.C": None},
+}
 
 
 @dataclass
 class DataConfig:
-    path: str = setting("", "a directory written by `vpn-dist prep` (`--data`)")
+    path: str = setting("", "a directory written by `vpn-dist prep`", flag="--data")
     num_workers: int = setting(2, "FFCV decoding threads per training worker")
     os_cache: bool = setting(True, "FFCV page-cache mode")
     augment: bool = setting(False, "flip/crop augmentation; off, as in the paper")
@@ -39,8 +53,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base: str = setting("dnn3", "sr, dnn3, resnet18/34/50, or any torchvision classifier")
-    generator: str = setting("dnn3", "dnn3, resnet18, or none (baseline and random)")
+    base: str = setting("dnn3", "base model: sr, dnn3, resnet18/34/50, or any torchvision classifier", flag="--base")
+    generator: str = setting("dnn3", "noise generator; none for the modes that train none (baseline, random, "
+                                     "isotropic)", choices=GENERATORS + ("none",), flag="--generator")
     generator_init_std: float | str | None = setting(
         None, "the DNN3 generator's initial weights, N(0, std^2) with zero biases: null is the authors' 0.002 "
               "(sigma starts near 0); `pytorch`: PyTorch's default Linear init (uniform in +-1/sqrt(fan_in), std "
@@ -50,41 +65,45 @@ class ModelConfig:
 
 @dataclass
 class VPNConfig:
-    mode: str = setting("joint", "joint, generator-only, baseline, random, isotropic (a control: x + N(0, s^2 I) with "
-                                 "s = vpn.noise_std, training only)")
-    gamma: float | None = setting(None, "conditioning x_hat = x + gamma * y; null: the paper's 0.01/K (paper_gamma)")
+    mode: str = setting("joint", "what trains: joint, generator-only (on a trained base), baseline, random (the "
+                                 "paper's ablations), isotropic (a control: x + N(0, s^2 I) with s = vpn.noise_std, "
+                                 "training only)", choices=MODES, flag="--mode")
+    gamma: float | None = setting(None, "conditioning x_hat = x + gamma * y; null: the paper's 0.01/K (the authors' "
+                                        "code: 0.01/(K-1))")
     m: int = setting(1, "noise draws per sample")
     bound: str = setting("none", "the variance bound ||Sigma|| <= C: none, elementwise (sigma <= C), "
-                                 "norm (||sigma||_2 <= C per sample); a projection, gradients flow")
+                                 "norm (||sigma||_2 <= C per sample); a projection, gradients flow", choices=BOUNDS)
     C: float | None = setting(None, "the bound's C (null with bound none)")
     random_fraction: float = setting(0.1, "the `random` ablation: share of pixels that get N(0, 1)")
     noise_std: float | None = setting(None, "the `isotropic` control's s: every pixel of every training image gets "
-                                            "N(0, s^2)")
+                                            "N(0, s^2); `reproduce --modes isotropic --sigma-from GRID` sets it per "
+                                            "seed to the mean sigma that seed's joint run learned")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(40, "the paper's setting")
-    batch_size: int = setting(256, "per worker")
+    epochs: int = setting(40, "training epochs (the paper's 40)", flag="--epochs")
+    batch_size: int = setting(256, "per worker (the paper's 256)")
     eval_batch_size: int = setting(512, "evaluation batch")
-    lr: float = setting(1e-3, "the paper's setting")
+    lr: float = setting(1e-3, "learning rate (the paper's 0.001)")
     # The authors' Adam switch: it trains on new data where their SGD default at this lr barely moves
     # (docs/config.md, "Defaults and presets"); the paper preset keeps their SGD
-    optimizer: str = setting("adam", "adam, or sgd (the authors' default; the paper preset)")
+    optimizer: str = setting("adam", "adam, or sgd (the authors' default; the paper preset)", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "sgd only; 0 is plain SGD")
     weight_decay: float = setting(5e-4, "L2, on every parameter (base and generator), as the authors'")
     lr_schedule: str = setting("constant", "constant, or cosine over train.epochs, stepped per epoch (the authors' "
-                                           "SGD; the paper preset)")
+                                           "SGD; the paper preset)", choices=LR_SCHEDULES)
     amp: str = setting("auto", "auto: bf16 on GPUs that support it, and on CPUs where a probe finds it faster; "
-                               "or off, bf16, fp16 (GPU, with a gradient scaler)")
+                               "or off, bf16, fp16 (GPU, with a gradient scaler); sigma is bounded and the noise "
+                               "sampled in fp32; the paper preset says off (fp32, as the paper)", choices=AMP_MODES)
     channels_last: bool = setting(False, "memory format of models and batches (faster convolutions on GPUs: ResNets)")
     compile: bool = setting(False, "torch.compile the training step's models (GPU; on CPU it needs a C++ compiler and "
                                    "a minute to compile)")
-    device: str = setting("auto", "auto, cpu, cuda")
+    device: str = setting("auto", "where to train: auto (a GPU if there is one), cpu, cuda", choices=DEVICES)
     seed: int = setting(0, "model init, data order and noise (reseeded per epoch and rank: resumes replay exactly)")
     eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")
     epoch_eval_images: int | None = setting(None, "per-epoch curves use a fixed random subset of this many images "
-                                                  "per split (0: all; null: sized to about a tenth of the epoch's "
+                                                  "per split (0: all; null: sized to about a twentieth of the epoch's "
                                                   "training cost, 100..500); the last epoch evaluates every image")
     alg2_top_k: int = setting(0, "0: exact Algorithm 2 (all K classes); k > 0: approximate, scoring only the k classes "
                                  "most probable under h(x) (docs/benchmarks.md: agreement and rows saved)")
@@ -92,23 +111,27 @@ class TrainConfig:
     figure_every: int = setting(5, "epochs between Figure-4 panels")
     keep_checkpoints: int = setting(2, "checkpoints kept")
     max_failures: int = setting(0, "Ray Train restarts of the worker group after a worker dies (-1: unlimited)")
-    fault: str | None = setting(None, "fault injection for drills: RANK:EPOCH:STEP exits that rank once")
-    init_from: str | None = setting(None, "generator-only: the run dir of the trained base model (`--init-from`)")
+    fault: str | None = setting(None, "fault injection for drills: RANK:EPOCH:STEP exits that rank once (0-based "
+                                      "epoch and step)")
+    init_from: str | None = setting(None, "generator-only: the run directory of the trained base model",
+                                    flag="--init-from")
 
 
 @dataclass
 class DistConfig:
-    workers: int = setting(0, "0: in this process, no Ray; N >= 1: Ray Train with N workers")
-    gpu: bool = setting(False, "one GPU (or dist.gpus_per_worker) per Ray Train worker")
-    cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker (its torch threads on CPU)")
+    workers: int = setting(0, "Ray Train workers; 0: train in this process, no Ray", flag="--workers")
+    gpu: bool = setting(False, "one GPU (or dist.gpus_per_worker) per Ray Train worker", flag="--gpu")
+    cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker (its torch threads on CPU)",
+                                   flag="--cpus-per-worker")
     gpus_per_worker: float = setting(1.0, "with dist.gpu: a fraction lets small runs share a GPU "
                                           "(e.g. 0.25: four per GPU)")
 
 
 @dataclass
 class RunConfig:
-    out: str = setting("", "the run directory (`--out`)")
-    preset: str | None = setting(None, "the named settings under the file and flags (`--preset`): paper, or null")
+    out: str = setting("", "the run directory: config.yaml, metrics.json, checkpoints/, tb/", flag="--out")
+    preset: str | None = setting(None, "the named settings under the file and flags: paper (the paper's protocol), "
+                                       "or null", choices=tuple(PRESETS))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     vpn: VPNConfig = field(default_factory=VPNConfig)
@@ -125,14 +148,6 @@ class RunConfig:
         return rank, epoch, step
 
 
-# The paper's protocol (section 4.1; where it is silent, the authors' code: docs/fidelity.md), in fp32
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"train.epochs": 40, "train.batch_size": 256, "train.lr": 1e-3, "train.optimizer": "sgd",
-              "train.momentum": 0.9, "train.weight_decay": 5e-4, "train.lr_schedule": "cosine", "train.amp": "off",
-              "vpn.gamma": None, "vpn.m": 1, "vpn.bound": "none", "vpn.C": None},
-}
-
-
 def preset(name: str | None) -> RunConfig:
     """RunConfig's defaults under the named preset (None: the defaults alone)."""
     if name is None:
@@ -145,7 +160,8 @@ def preset(name: str | None) -> RunConfig:
 
 
 def config_keys(node: Any = None, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Every dotted config key (`train.lr`, ...) -> its dataclass field (default and metadata["doc"])."""
+    """Every dotted config key (`train.lr`, ...) -> its dataclass field (its default; its setting's doc, choices and
+    flag in metadata)."""
     keys: dict[str, dataclasses.Field] = {}
     for f in dataclasses.fields(node or RunConfig):
         if f.default_factory is not dataclasses.MISSING:  # a section
@@ -153,6 +169,36 @@ def config_keys(node: Any = None, prefix: str = "") -> dict[str, dataclasses.Fie
         else:
             keys[prefix + f.name] = f
     return keys
+
+
+def config_value(cfg: RunConfig, key: str) -> Any:
+    """cfg's value of a dotted key."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def choices_of(key: str) -> tuple[str, ...]:
+    """The values a key allows (e.g. for a benchmark's flag that sets it)."""
+    return config_keys()[key].metadata["choices"]
+
+
+def train_flags() -> dict[str, dataclasses.Field]:
+    """The keys `vpn-dist train` sets with a flag of their own (`--base` for model.base, ...) -> their fields."""
+    return {key: f for key, f in config_keys().items() if f.metadata["flag"]}
+
+
+def markdown_table() -> str:
+    """docs/config.md's key table: every key, its default and its doc (and the flag that sets it)."""
+    def shown(value: Any) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, f in config_keys().items():
+        meaning = f.metadata["doc"].replace("|", "\\|") + (f" (`{f.metadata['flag']}`)" if f.metadata["flag"] else "")
+        rows.append(f"| `{key}` | {shown(f.default)} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def paper_gamma(num_classes: int) -> float:
@@ -279,20 +325,23 @@ def _coerce(key: str, value: Any, type_name: str, from_text: bool) -> Any:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value once, before anything starts; return cfg for chaining."""
-    from vpn_dist.models import BASE_MODELS, GENERATORS, is_torchvision_classifier
+    from vpn_dist.models import BASE_MODELS, is_torchvision_classifier
 
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:
             raise UserError(f"config key {key!r} = {value!r} is not allowed; {allowed}")
 
     v, t, m, d = cfg.vpn, cfg.train, cfg.model, cfg.dist
-    need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)} or null", cfg.preset)
+    for key, f in config_keys(type(cfg)).items():  # the keys with a list of values (their setting's choices)
+        allowed, value = f.metadata.get("choices"), config_value(cfg, key)
+        if allowed is not None:
+            nullable = "None" in str(f.type)
+            need(value in allowed or (nullable and value is None), key,
+                 f"one of {', '.join(allowed)}{' or null' if nullable else ''}", value)
     need(bool(cfg.out), "out", "give the run directory with --out", cfg.out)
     need(bool(cfg.data.path), "data.path", "give a directory written by `vpn-dist prep` with --data", cfg.data.path)
-    need(v.mode in MODES, "vpn.mode", f"one of {', '.join(MODES)}", v.mode)
     need(m.base in BASE_MODELS or is_torchvision_classifier(m.base), "model.base",
          f"one of {', '.join(BASE_MODELS)} or a torchvision classification model name", m.base)
-    need(m.generator in GENERATORS + ("none",), "model.generator", f"one of {', '.join(GENERATORS)}, none", m.generator)
     init = m.generator_init_std
     need(init is None or init == "pytorch" or (m.generator == "dnn3" and not isinstance(init, str)
                                                and math.isfinite(init) and init > 0),
@@ -305,7 +354,6 @@ def validate(cfg: RunConfig) -> RunConfig:
              m.generator)
     need(v.gamma is None or (math.isfinite(v.gamma) and v.gamma >= 0), "vpn.gamma", "a number >= 0 (null: 0.01/K)", v.gamma)
     need(1 <= v.m <= 1024, "vpn.m", "an integer in 1..1024 (the batch grows m-fold)", v.m)
-    need(v.bound in BOUNDS, "vpn.bound", f"one of {', '.join(BOUNDS)}", v.bound)
     if v.bound == "none":
         need(v.C is None, "vpn.C", "null when vpn.bound is none (set vpn.bound to elementwise or norm)", v.C)
     else:
@@ -327,10 +375,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.alg2_top_k >= 0, "train.alg2_top_k", "an integer >= 0 (0: exact Algorithm 2)", t.alg2_top_k)
     need(t.epoch_eval_images is None or t.epoch_eval_images >= 0, "train.epoch_eval_images",
          "an integer >= 0 (0: every image) or null (sized to the epoch)", t.epoch_eval_images)
-    need(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", t.optimizer)
-    need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", t.lr_schedule)
-    need(t.amp in AMP_MODES, "train.amp", f"one of {', '.join(AMP_MODES)}", t.amp)
-    need(t.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}", t.device)
     need(not (t.amp == "fp16" and t.device == "cpu"), "train.amp", "bf16 or off on the CPU (fp16 needs a GPU)", t.amp)
     for key in ("eval_every", "log_every", "figure_every", "keep_checkpoints"):
         need(getattr(t, key) >= 1, f"train.{key}", "an integer >= 1", getattr(t, key))

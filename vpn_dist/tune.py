@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
-    train_resources = _train_resources(settings)
+    train_resources = settings.resources().reserved()
     try:
         trials = driver.run_trials(
             functools.partial(run_trial, settings=settings),
@@ -96,14 +96,6 @@ def _sweep(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _train_resources(settings: SweepSettings) -> dict[str, float]:
-    """What one trial's Ray Train workers reserve altogether."""
-    train_resources: dict[str, float] = {"CPU": settings.workers * settings.cpus_per_worker}
-    if settings.gpu:
-        train_resources["GPU"] = settings.gpus_per_trial or settings.workers
-    return train_resources
-
-
 def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     """The space and the settings from the flags, every trial config checked, saved to OUT/sweep.json."""
     if (out / "sweep.json").exists() or (out / "tune").exists():
@@ -128,7 +120,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
     print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
-    check_request(_train_resources(settings), "each trial")  # a request Ray could never meet writes nothing
+    check_request(settings.resources().reserved(), "each trial")  # a request Ray could never meet writes nothing
     make_output_dir(out / "trials", "--out")
     write_json_atomic(out / "sweep.json", {"space_arg": args.space, "settings": settings.to_dict(),
                                            "started": time.time()})
@@ -142,7 +134,7 @@ def _resumed(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]
         raise UserError(f"--resume: {out} holds no sweep to resume (no sweep.json); start it without --resume")
     try:
         saved = json.loads(sweep_file.read_text())
-        settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": before vpn_dist.sweep
+        settings = SweepSettings.from_dict(saved.get("settings") or saved["ctx"])  # "ctx": older sweep.json files
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(f"--resume: {sweep_file} is damaged ({type(err).__name__}: {err}); start a new sweep in "
                         f"another --out") from None

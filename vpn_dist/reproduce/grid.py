@@ -13,9 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, preset, validate
+from vpn_dist.config import GENERATORS, RunConfig, preset
 from vpn_dist.data import check_data, read_meta
 from vpn_dist.errors import UserError
+from vpn_dist.sweep.trial import TrialResources, resolve_config
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.csv")
 
@@ -35,12 +36,11 @@ TABLES = {
     3: Table(("baseline", "random", "joint"), ("tiny-imagenet",), ("resnet18", "resnet34", "resnet50")),
 }
 PAPER_DATASETS = ("fashion-mnist", "cifar10", "tiny-imagenet")
-GENERATORS = ("dnn3", "resnet18")
 BATCH_SIZE = {"tiny-imagenet": 128}  # paper 4.1: 256 elsewhere ("to prevent the OOM exception")
 
 
 @dataclass(frozen=True)
-class Run:
+class GridRun:
     """One training run of the grid; `tables` lists every table that shows it."""
 
     data: str  # the data set's label (its source kind, or the directory name)
@@ -59,9 +59,9 @@ class Run:
         """The paper's row name: baseline, random, or the generator."""
         return self.mode if self.generator == "none" else self.generator
 
-    def baseline(self) -> Run:
+    def baseline(self) -> GridRun:
         """The run a generator-only run starts from: same data, base and seed."""
-        return Run(self.data, self.base, "none", "baseline", self.seed, ())
+        return GridRun(self.data, self.base, "none", "baseline", self.seed, ())
 
 
 @dataclass
@@ -84,6 +84,9 @@ class Plan:
     # the isotropic control's s, per seed: the learned mean sigma of that seed's joint run in this grid directory
     sigma_from: str | None = None
     data_fingerprints: dict[str, str | None] = field(default_factory=dict)  # label -> data_fingerprint (None: unknown)
+
+    def resources(self) -> TrialResources:
+        return TrialResources.one_worker(self.cpus_per_trial, self.gpus_per_trial)
 
     def to_dict(self) -> dict[str, Any]:
         saved = asdict(self)
@@ -201,10 +204,10 @@ def check_paper_data(label: str, path: str, meta: dict[str, Any]) -> None:
                         f"(`vpn-dist prep {label} --source ...`, no --size)")
 
 
-def grid(plan: Plan) -> list[Run]:
+def grid(plan: Plan) -> list[GridRun]:
     """Every run of the plan once, seed by seed (an interrupted grid holds whole seeds of every cell), in table
     order within a seed; a run shown in several tables lists them all."""
-    runs: dict[tuple, Run] = {}
+    runs: dict[tuple, GridRun] = {}
     for number in plan.tables:
         table = TABLES[number]
         modes = [m for m in table.modes if plan.modes is None or m in plan.modes]
@@ -219,15 +222,14 @@ def grid(plan: Plan) -> list[Run]:
                         for seed in range(plan.seeds):
                             key = (label, base, generator, mode, seed)
                             tables = runs[key].tables + (number,) if key in runs else (number,)
-                            runs[key] = Run(label, base, generator, mode, seed, tables)
+                            runs[key] = GridRun(label, base, generator, mode, seed, tables)
     return sorted(runs.values(), key=lambda run: run.seed)
 
 
-def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
+def run_config(plan: Plan, run: GridRun, runs_root: Path) -> RunConfig:
     """The paper preset (in fp32 whatever RunConfig's defaults are), the run's cell and seed, then the plan's
     --epochs/--set. The run trains in runs_root/run_id."""
-    values = {"out": str(runs_root / run.run_id), "data.path": plan.data[run.data], "model.base": run.base,
-              "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed,
+    values = {"model.base": run.base, "model.generator": run.generator, "vpn.mode": run.mode, "train.seed": run.seed,
               # Figure 2's curves from the same 500 images per split in every grid (null sizes it to the set)
               "train.epoch_eval_images": 500}
     if run.data in BATCH_SIZE:
@@ -238,16 +240,11 @@ def run_config(plan: Plan, run: Run, runs_root: Path) -> RunConfig:
         values["vpn.noise_std"] = matched_sigma(plan, run)
     # the preset's fp32 holds on every machine, so a grid's results do not depend on where each run lands (amp=auto
     # picks bf16 where it is faster); --set train.amp=bf16 trades that for speed
-    cfg = apply_overrides(from_dict(values, preset("paper")), plan.overrides)
-    if plan.epochs:
-        cfg.train.epochs = plan.epochs
-    if plan.gpus_per_trial:
-        cfg.dist.gpu, cfg.dist.gpus_per_worker = True, plan.gpus_per_trial
-    cfg.dist.workers, cfg.dist.cpus_per_worker = 1, plan.cpus_per_trial
-    return validate(cfg)
+    return resolve_config(values, base=preset("paper"), overrides=plan.overrides, epochs=plan.epochs,
+                          run_dir=runs_root / run.run_id, data_path=plan.data[run.data], resources=plan.resources())
 
 
-def matched_sigma(plan: Plan, run: Run) -> float:
+def matched_sigma(plan: Plan, run: GridRun) -> float:
     """The isotropic control's s for this run: the mean sigma its seed's finished joint run learned (same data,
     base and generator), from the runs.csv of the grid in plan.sigma_from."""
     if not plan.sigma_from:

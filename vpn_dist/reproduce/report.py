@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from vpn_dist.observe import save_figure, write_text_atomic
-from vpn_dist.reproduce.grid import Plan, Run, paper_numbers
+from vpn_dist.reproduce.grid import Plan, GridRun, paper_numbers
 from vpn_dist.reproduce.stats import ALPHA, POWER, Comparison, compare, judge
 
 # What can move a number besides the seed: where and how the run computed, and whether it was trained more than once.
@@ -35,7 +35,7 @@ FINISHED = "finished"
 # ---------------------------------------------------------------- rows
 
 
-def run_rows(run: Run, summary: dict[str, Any] | None, status: str, plan_id: str) -> list[dict[str, Any]]:
+def run_rows(run: GridRun, summary: dict[str, Any] | None, status: str, plan_id: str) -> list[dict[str, Any]]:
     """runs.csv rows of one run: one per table that shows it. `summary` is its metrics.json (None: not run)."""
     summary = summary or {}
     base = {"data": run.data, "base": run.base, "generator": run.generator, "mode": run.mode, "seed": run.seed,
@@ -61,7 +61,7 @@ def mark_unknown_provenance(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def curve_rows(run: Run, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def curve_rows(run: GridRun, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"run_id": run.run_id, **{k: epoch.get(k) for k in CURVE_COLUMNS if k != "run_id"}}
             for epoch in summary.get("history", [])]
 
@@ -234,11 +234,7 @@ def statistics_section(comparisons: dict[tuple, Comparison]) -> list[str]:
     for ((table, data, base), name), c in comparisons.items():
         if c.n == 0:
             continue
-        interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
-        gain = "" if c.claimed_gain is None else f"{c.claimed_gain:+.2f}"
-        lines.append(f"| {table} | {data} | {base} | {name} | {c.mean:+.2f}{interval} ({c.n}) | "
-                     f"{_p_with_holm(c.p, c.p_holm)} | {gain} | {_p_with_holm(c.p_excl, c.p_excl_holm)} | "
-                     f"{'-' if c.mde is None else f'{c.mde:.2f}'} | {c.verdict or '-'} |")
+        lines.append(f"| {table} | {data} | {base} | {name} | " + " | ".join(comparison_cells(c)) + " |")
     lines += [
         "",
         "Differences in accuracy points; n: seeds with both the row and its baseline.",
@@ -300,6 +296,15 @@ def isotropic_control_section(plan: Plan, cells: list[tuple[tuple, str, dict[int
                          f"{'' if c.p is None else f'{c.p:.3g}'} | {'-' if c.mde is None else f'{c.mde:.2f}'} |")
     return lines + ["", "Two-sided paired t-tests (not in the Holm families above: they ask about a control, not a "
                         "paper claim); MDE as in [Statistics](#statistics).", ""]
+
+
+def comparison_cells(c: Comparison, no_gain: str = "") -> list[str]:
+    """A row's paired statistics as table cells, as every report shows them: Δ [CI] (n), p (Holm), the paper's gain
+    (`no_gain` where the paper has none), p_excl (Holm), MDE, verdict."""
+    interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+    return [f"{c.mean:+.2f}{interval} ({c.n})", _p_with_holm(c.p, c.p_holm),
+            no_gain if c.claimed_gain is None else f"{c.claimed_gain:+.2f}", _p_with_holm(c.p_excl, c.p_excl_holm),
+            "-" if c.mde is None else f"{c.mde:.2f}", c.verdict or "-"]
 
 
 def _p_with_holm(p: float | None, adjusted: float | None) -> str:
@@ -379,7 +384,7 @@ def write_figures(folder: Path, rows: list[dict[str, Any]], curves: list[dict[st
             ax.set_ylim(max(0, min(lows) - 5), min(100, max(lows) + 3))
             ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, folder / f"table1_{data}.png"))
+        written.append(save_report_figure(fig, folder / f"table1_{data}.png"))
         plt.close(fig)
     return written
 
@@ -440,7 +445,7 @@ def figure2(folder: Path, data: str, cells: dict[tuple, dict], plt) -> Path:
     axes[0].legend(fontsize=8, loc="upper right")
     axes[2].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Figure 2 on {data}: joint training and its baseline, mean and min-max over seeds")
-    path = _save(fig, folder / f"figure2_{data}.png")
+    path = save_report_figure(fig, folder / f"figure2_{data}.png")
     plt.close(fig)
     return path
 
@@ -455,8 +460,20 @@ def _band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], np.nda
     return epochs, np.nanmin(table, axis=0), np.nanmean(table, axis=0), np.nanmax(table, axis=0)
 
 
-def _save(fig, path: Path) -> Path:
+def save_report_figure(fig, path: Path) -> Path:
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def last_line(command: str, out: Path, unfinished: list[str], how: str, errors_in: str) -> int:
+    """A grid command's closing line and exit code: where its report is (0), or which runs did not finish, where
+    their errors are and how to continue (1)."""
+    if unfinished:
+        shown = ", ".join(unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+        print(f"{command}: {len(unfinished)} run(s) {how} ({shown}); their errors are in {errors_in}. Continue with "
+              f"`vpn-dist {command} --out {out} --resume`", flush=True)
+        return 1
+    print(f"{command}: report in {out / 'report.md'}", flush=True)
+    return 0
 
 
 def load_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from typing import Any
 from vpn_dist.config import RunConfig
 from vpn_dist.errors import UserError
 from vpn_dist.observe import make_output_dir, write_json_atomic
-from vpn_dist.reproduce.report import load_summary, read_csv, write_csv
+from vpn_dist.reproduce.report import last_line, load_summary, read_csv, write_csv
 from vpn_dist.study import report
 from vpn_dist.study.spec import (ARMS, Plan, Study, check_rerun_seeds, check_shared, config_id, draw_params,
                                  load_study, trial_config)
@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     plan, study, datasets, configs = _resumed(args, out) if args.resume else _new(args, out)
     results = Results(out, study, plan, configs)
     results.save()
-    resources: dict[str, float] = {"CPU": plan.cpus_per_trial}
-    if plan.gpus_per_trial:
-        resources["GPU"] = plan.gpus_per_trial
+    resources = plan.resources().reserved()
     for arm in ARMS:
         if results.search_arm(arm, resources, args.max_concurrent) == "interrupted":
             return _stopped(results, out)
@@ -77,13 +75,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [f"{r['arm']} trial {r['trial']}" for r in results.rows.values() if r["status"] == "error"]
     failed += [f"{r['arm']} re-run seed {r['seed']}" for r in results.seed_rows.values()
                if r["status"] not in report.RERUN_FINAL]
-    if failed:
-        print(f"study: {len(failed)} run(s) failed ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-              f"their errors are in trials.csv and their run directories. Run them again with "
-              f"`vpn-dist study --out {args.out} --resume`", flush=True)
-        return 1
-    print(f"study: report in {out / 'report.md'}", flush=True)
-    return 0
+    return last_line("study", out, failed, "failed", "trials.csv and their run directories")
 
 
 def _stopped(results: Results, out: Path) -> int:
@@ -175,7 +167,7 @@ def _plan(study: Study, spec: str, data: str, trials: int, args, out: Path) -> t
 def _search_config(study: Study, plan: Plan, datasets: dict[str, dict[str, Any]], out: Path, arm: str,
                    index: int) -> RunConfig:
     cfg = trial_config(study, arm, draw_params(study, arm, index), seed=study.trial_seed_of(index),
-                       run_dir=Path("/unset"), datasets=datasets, cpus=plan.cpus_per_trial, gpus=plan.gpus_per_trial)
+                       run_dir=Path("/unset"), datasets=datasets, resources=plan.resources())
     cfg.out = str(out / "runs" / "search" / arm / f"{index:03d}-{config_id(cfg, plan.data_label)}")
     return cfg
 
@@ -309,7 +301,7 @@ class Results:
             params = draw_params(self.study, arm, winner["trial"])
             for seed in self.study.rerun_seeds:
                 cfg = trial_config(self.study, arm, params, seed=seed, run_dir=Path("/unset"), datasets=datasets,
-                                   cpus=self.plan.cpus_per_trial, gpus=self.plan.gpus_per_trial)
+                                   resources=self.plan.resources())
                 cid = config_id(cfg, self.plan.data_label)
                 cfg.out = str(self.out / "runs" / "seeds" / arm / f"seed{seed}-{cid}")
                 self.rerun_configs[(arm, seed)] = cfg

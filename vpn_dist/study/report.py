@@ -14,7 +14,7 @@ import numpy as np
 
 from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
-from vpn_dist.reproduce.report import _save as save_figure
+from vpn_dist.reproduce.report import comparison_cells, save_report_figure
 from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, judge
 from vpn_dist.study.spec import ARMS, Plan, Study, describe, shown_path
 
@@ -338,11 +338,9 @@ def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -
         if c.n == 0:
             lines.append(f"| {rule} | (no paired seeds yet) | | | | | | |")
             continue
-        interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
-        gain = "—" if c.claimed_gain is None else f"{c.claimed_gain:+.2f}"
-        lines.append(f"| {rule} | {c.mean:+.2f}{interval} ({c.n}) | {_p_with_holm(c.p, c.p_holm)} | "
-                     f"{_which_is_better(c)} | {gain} | {_p_with_holm(c.p_excl, c.p_excl_holm)} | "
-                     f"{'-' if c.mde is None else f'{c.mde:.2f}'} | {c.verdict or '-'} |")
+        cells = comparison_cells(c, no_gain="—")
+        cells.insert(2, _which_is_better(c))
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed, in accuracy points (`vpn_dist/reproduce/stats.py`, as every reproduction report): "
                   "the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
                   "table's two tests; the paper's gain, its Table 1 row minus its baseline for this data set and base "
@@ -350,10 +348,6 @@ def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -
                   "Holm-adjusted; MDE, the smallest true difference these seeds detect with 80% power; the verdict: "
                   "excluded, reproduced or inconclusive (docs/reproduction.md).", ""]
     return lines
-
-
-def _p_with_holm(p: float | None, adjusted: float | None) -> str:
-    return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
 
 
 def _pct(value: float | None) -> str:
@@ -398,7 +392,7 @@ def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
     ax.set_title("Expected best of n trials, 95% bootstrap band")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_report_figure(fig, path)
     plt.close(fig)
 
 
@@ -462,5 +456,5 @@ def draw_sensitivity(path: Path, rows: list[dict[str, Any]], plan: Plan) -> None
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("VPN arm: each finished trial (filled: all epochs; hollow: stopped early by ASHA)")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_report_figure(fig, path)
     plt.close(fig)

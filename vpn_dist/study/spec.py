@@ -21,6 +21,7 @@ import numpy as np
 from vpn_dist.config import RunConfig
 from vpn_dist.errors import UserError
 from vpn_dist.sweep.space import SweepSettings, resolve_trial
+from vpn_dist.sweep.trial import TrialResources
 
 ARMS = ("baseline", "vpn")
 # The authors' two optimizers (docs/fidelity.md): their SGD (momentum 0.9, cosine over the epochs) and their Adam
@@ -77,6 +78,9 @@ class Plan:
     trials: int  # per arm
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0.0
+
+    def resources(self) -> TrialResources:
+        return TrialResources.one_worker(self.cpus_per_trial, self.gpus_per_trial)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,9 +211,9 @@ def _draw(value: Any, rng: np.random.Generator) -> Any:
 
 
 def trial_config(study: Study, arm: str, params: dict[str, Any], *, seed: int, run_dir: Path,
-                 datasets: dict[str, dict[str, Any]], cpus: int = 1, gpus: float = 0.0) -> RunConfig:
+                 datasets: dict[str, dict[str, Any]], resources: TrialResources = TrialResources()) -> RunConfig:
     """A trial's validated RunConfig: study fixed < arm fixed < the axis values (`optimizer` expanded to the authors'
-    settings) < the seed, on the one data set of `datasets` (sweep.space.dataset_table), one Ray Train worker."""
+    settings) < the seed, on the one data set of `datasets` (sweep.space.dataset_table)."""
     values = dict(params)
     optimizer = values.pop("optimizer", None)
     if optimizer is not None:
@@ -217,8 +221,9 @@ def trial_config(study: Study, arm: str, params: dict[str, Any], *, seed: int, r
     values["train.seed"] = seed
     (label,) = datasets
     settings = SweepSettings(space=study.name, out="", datasets=datasets,
-                             fixed={**study.fixed, **study.arms[arm].fixed}, workers=1, cpus_per_worker=cpus,
-                             gpu=gpus > 0, gpus_per_trial=gpus or None)
+                             fixed={**study.fixed, **study.arms[arm].fixed}, workers=resources.workers,
+                             cpus_per_worker=resources.cpus_per_worker, gpu=resources.gpu,
+                             gpus_per_trial=resources.gpus_per_trial)
     return resolve_trial(values | {"data": label}, settings, str(run_dir))
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.config import RunConfig, apply_overrides, from_dict, paper_gamma, validate
+from vpn_dist.config import RunConfig, paper_gamma
 from vpn_dist.errors import UserError
+from vpn_dist.sweep.trial import TrialResources, resolve_config
 
 SPECIAL_AXES = ("arch", "vpn.bound_C", "vpn.gamma_scale")
 SELECTION_METRICS = ("val_acc", "val_acc_alg2", "val_acc_no_noise")
@@ -52,6 +53,9 @@ class SweepSettings:
     grace_period: int = 1
     reduction_factor: int = 3
     max_epochs: int | None = None  # ASHA's max_t
+
+    def resources(self) -> TrialResources:
+        return TrialResources(self.workers, self.cpus_per_worker, self.gpu, self.gpus_per_trial)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,15 +169,8 @@ def resolve_trial(params: dict[str, Any], settings: SweepSettings, run_dir: str)
             values["vpn.gamma"] = float(value) * paper_gamma(data["num_classes"])
         else:
             values[key] = value
-    cfg = from_dict(values)
-    apply_overrides(cfg, settings.overrides)
-    if settings.epochs:
-        cfg.train.epochs = settings.epochs
-    cfg.out, cfg.data.path = run_dir, data["path"]
-    cfg.dist.workers, cfg.dist.gpu, cfg.dist.cpus_per_worker = settings.workers, settings.gpu, settings.cpus_per_worker
-    if settings.gpus_per_trial:
-        cfg.dist.gpus_per_worker = settings.gpus_per_trial / settings.workers
-    validate(cfg)
+    cfg = resolve_config(values, base=None, overrides=settings.overrides, epochs=settings.epochs, run_dir=run_dir,
+                         data_path=data["path"], resources=settings.resources())
     if cfg.train.eval_every != 1:
         raise UserError(f"train.eval_every = {cfg.train.eval_every}: a sweep evaluates every epoch (ASHA compares "
                         f"validation accuracy at each rung); leave it at 1")
