@@ -1,17 +1,15 @@
 """vpn-dist: Variational Positive-incentive Noise (VPN) at scale.
 
 The public API: the method (any PyTorch classifier), the paper's models, the run config and the trainer.
-The names `train` and `evaluate` are also submodules; they are bound here eagerly, after those submodules load,
-so `from vpn_dist import train` gives the function whatever was imported before (Ray and FFCV still load only
-when a run starts).
+(Ray and FFCV load only when a run starts.)
 """
 from vpn_dist.config import RunConfig
 from vpn_dist.data import Loader, read_meta
 from vpn_dist.method import (alg2_predict, alg2_scores, bound_sigma, condition, generate_sigma, predict_no_noise,
                              random_pixel_noise, sample_noise, vpn_loss)
 from vpn_dist.models import build_base, build_generator
-from vpn_dist.evaluate import evaluate  # noqa: E402 - after vpn_dist.evaluate (the module) has loaded
-from vpn_dist.launch import train  # noqa: E402 - after vpn_dist.train (the module) has loaded
+from vpn_dist.evaluation import evaluate
+from vpn_dist.launch import train
 
 __all__ = [
     "condition", "bound_sigma", "generate_sigma", "sample_noise", "vpn_loss", "random_pixel_noise",

@@ -84,7 +84,7 @@ class TrainConfig:
     seed: int = setting(0, "model init, data order and noise (reseeded per epoch and rank: resumes replay exactly)")
     eval_every: int = setting(1, "epochs between test evaluations (the last epoch always evaluates)")
     epoch_eval_images: int | None = setting(None, "per-epoch curves use a fixed random subset of this many images "
-                                                  "per split (0: all; null: sized to about a tenth of the epoch's "
+                                                  "per split (0: all; null: sized to about a twentieth of the epoch's "
                                                   "training cost, 100..500); the last epoch evaluates every image")
     alg2_top_k: int = setting(0, "0: exact Algorithm 2 (all K classes); k > 0: approximate, scoring only the k classes "
                                  "most probable under h(x) (docs/benchmarks.md: agreement and rows saved)")
