@@ -3,6 +3,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import vpn_dist
 
 
@@ -25,3 +27,13 @@ def test_no_public_name_is_also_a_submodule():
     """A submodule named like a public function would replace it as the package's attribute once imported."""
     submodules = {module.name for module in pkgutil.iter_modules(vpn_dist.__path__)}
     assert not submodules & set(vpn_dist.__all__), submodules & set(vpn_dist.__all__)
+
+
+@pytest.mark.xfail(strict=True, reason="vpn_dist/__init__ imports launch eagerly until the package's lazy imports "
+                                       "land (branch compat): drop this mark when they do")
+def test_the_sweep_report_imports_neither_the_trainer_nor_ray():
+    code = ("import sys, vpn_dist.sweep.report\n"
+            "loaded = {'vpn_dist.trainer', 'vpn_dist.launch', 'ray'} & set(sys.modules)\n"
+            "assert not loaded, loaded")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -173,7 +173,7 @@ def test_a_finished_run_directory_is_not_overwritten(synthetic_dir, joint_run, c
 
 
 def test_cpu_training_flushes_subnormal_floats_in_its_own_thread(synthetic_dir, tmp_path):
-    """Subnormals made Adam's CPU steps 4-25x slower; the training thread flushes them to zero."""
+    """Subnormals make Adam's CPU steps much slower; the training thread flushes them to zero."""
     import threading
 
     from vpn_dist.config import from_dict

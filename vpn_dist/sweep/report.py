@@ -168,7 +168,9 @@ def results_markdown(rows: list[dict[str, Any]], columns: list[str], best: dict,
 
 def write_best_config(run_dir: Path, path: Path, new_out: Path) -> None:
     """The trial's resolved config, with a fresh --out so `vpn-dist train --config FILE` starts a new run."""
-    cfg = _read_yaml(run_dir / "config.yaml")
+    from vpn_dist.run_dir import RunDir
+
+    cfg = _read_yaml(RunDir(run_dir).config)
     if not cfg:
         return
     cfg["out"] = str(new_out)
