@@ -50,8 +50,8 @@ def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
 
 def test_a_worker_that_cannot_see_the_drivers_marker_stops_naming_node_and_path(tmp_path):
     run_dir = RunDir(tmp_path)
-    with pytest.raises(UserError, match=rf"node .* does not see {re.escape(str(run_dir.storage_marker))} is missing"
-                                        rf".*cluster/README.md"):
+    marker = re.escape(str(run_dir.storage_marker))
+    with pytest.raises(UserError, match=rf"node .* does not see .*: {marker} is missing.*cluster/README.md"):
         check_storage_marker(run_dir, "call-1")
     write_storage_marker(run_dir, "call-0")  # a marker left by another call (same path, another disk's run)
     with pytest.raises(UserError, match="another run's marker"):
