@@ -46,7 +46,8 @@ def truncate_newest_then_resume(out: Path) -> dict:
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     resumed = run_cli("train", "--resume", str(out))
     told = resumed.stdout + resumed.stderr
-    assert f"skipping checkpoint {newest.parent}" in told and "resuming from" in told and "epoch_0001" in told, told
+    assert f"skipping checkpoint {newest.parent}" in told, told
+    assert f"reading {out / 'checkpoints' / 'epoch_0001'} instead" in told, told
     assert (out / "checkpoints" / "unreadable-epoch_0002").is_dir(), "the unreadable checkpoint is kept, aside"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -71,7 +71,8 @@ def test_the_newest_whole_checkpoint_is_read_back_and_a_cut_one_skipped(tmp_path
     assert run_dir.latest_checkpoint() == run_dir.checkpoint(3)  # complete: its file is there
     state, where = run_dir.latest_state()
     assert state.epoch == 2 and where == run_dir.checkpoint(2)
-    assert "skipping checkpoint" in capsys.readouterr().out
+    told = capsys.readouterr().out
+    assert f"skipping checkpoint {run_dir.checkpoint(3)}" in told and f"reading {run_dir.checkpoint(2)} instead" in told
     trained = run_dir.trained()
     assert trained.checkpoint == run_dir.checkpoint(2) and bool((trained.base[-1].weight == 2).all())
     assert trained.gamma == pytest.approx(0.01 / 3) and trained.generator is not None

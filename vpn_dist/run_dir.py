@@ -146,7 +146,7 @@ class RunDir:
                 print(f"skipping checkpoint {directory}: {err}", flush=True)
                 continue
             if directory != found[-1]:
-                print(f"resuming from {directory}, the newest checkpoint that reads back whole", flush=True)
+                print(f"reading {directory} instead, the newest checkpoint that reads back whole", flush=True)
             return state, directory
         return None
 
