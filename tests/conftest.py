@@ -1,4 +1,6 @@
-"""Shared fixtures: prepared data directories (converted once per session) and a CLI runner."""
+"""Shared fixtures: prepared data directories (converted once per session), a CLI runner, and checks that test
+modules share (test modules do not import each other)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,15 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def assert_console_once(text: str, epochs: int) -> None:
+    """Each epoch's line of a run's console exactly once (Ray prefixes a worker's lines with its name and pid), and
+    none of Ray Train's per-report dumps."""
+    for epoch in range(1, epochs + 1):
+        lines = re.findall(rf"^.*epoch +{epoch} \| loss .*$", text, flags=re.MULTILINE)
+        assert len(lines) == 1, f"epoch {epoch}:\n{text[-4000:]}"
+    assert "TrainingReport(" not in text, text[-4000:]
 
 
 # Test tiers: `make test-fast` runs what is neither slow nor integration; integration tests train end to end,

@@ -13,7 +13,7 @@ from vpn_dist.benchmarks.roofline import RecordMatmuls, count_flops, matmul_repl
 from vpn_dist.cli import build_parser, main
 from vpn_dist.config import RunConfig
 from vpn_dist.models import build_base, build_generator
-from vpn_dist.train import step_loss
+from vpn_dist.trainer import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,11 @@ def test_step_flops_match_a_count_by_hand():
     base, generator = build_base("sr", shape, k), build_generator("dnn3", shape)
     x, y = torch.rand(b, *shape), torch.randint(0, k, (b,))
 
-    def forward_backward():
-        _, loss = step_loss(base, generator, x, y, RunConfig().vpn, 0.01)
-        loss.backward()
+    step = TrainStep(base, generator, RunConfig().vpn, 0.01, torch.optim.SGD([*base.parameters()], lr=0.1),
+                     torch.amp.GradScaler("cpu", enabled=False))
+
+    def forward_backward():  # the training step's, without the update
+        step.backward(step.forward(x, y)[1])
 
     matmul, conv = count_flops(forward_backward)
     layers = [(d, w, False), (w, w, True), (w, d, True), (d, k, True)]  # (in, out, needs the input gradient)
@@ -44,9 +46,11 @@ def test_recorded_matmuls_are_the_whole_step_and_replay_with_their_layouts():
     base, generator = build_base("dnn3", shape, k), build_generator("dnn3", shape)
     x, y = torch.rand(8, *shape), torch.randint(0, k, (8,))
 
-    def forward_backward():
-        _, loss = step_loss(base, generator, x, y, RunConfig().vpn, 0.01)
-        loss.backward()
+    step = TrainStep(base, generator, RunConfig().vpn, 0.01, torch.optim.SGD([*base.parameters()], lr=0.1),
+                     torch.amp.GradScaler("cpu", enabled=False))
+
+    def forward_backward():  # the training step's, without the update
+        step.backward(step.forward(x, y)[1])
 
     with RecordMatmuls() as recorded:
         forward_backward()
@@ -92,8 +96,9 @@ def test_gpu_bench_script_lines_parse(line):
 
 
 def test_subnormal_bench_counts_them_and_times_both_settings(synthetic_dir, tmp_path, capsys):
-    from vpn_dist import checkpoint as ckpt
     from vpn_dist.benchmarks.subnormal import subnormals
+    from vpn_dist.checkpoint import TrainState
+    from vpn_dist.run_dir import RunDir
 
     run = tmp_path / "adam"
     assert main(["train", "--data", str(synthetic_dir), "--base", "sr", "--generator", "none", "--mode", "baseline",
@@ -102,7 +107,7 @@ def test_subnormal_bench_counts_them_and_times_both_settings(synthetic_dir, tmp_
     capsys.readouterr()
     assert main(["bench", "subnormal", "--run", str(run), "--steps", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    moments = subnormals(v for s in ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["optimizer"]["state"].values()
+    moments = subnormals(v for s in TrainState.load(RunDir(run).latest_checkpoint()).optimizer["state"].values()
                          for v in s.values())
     assert f"optimizer state {moments[0]:,} of {moments[1]:,}" in out
     rates = re.findall(r"\| (?:IEEE subnormals|flushed to zero \(vpn-dist\)) \| ([\d,]+) \|", out)

@@ -6,26 +6,18 @@ import sys
 
 import pytest
 
+from conftest import assert_console_once
 from vpn_dist import observe
 from vpn_dist.cli import main
 from vpn_dist.errors import UserError
 from vpn_dist import launch
-from vpn_dist.launch import STORAGE_MARKER, check_storage_marker, write_storage_marker
+from vpn_dist.launch import check_storage_marker, write_storage_marker
+from vpn_dist.run_dir import RunDir
 
 FAST = ["--set", "train.batch_size=100", "--set", "data.num_workers=1", "--set", "train.optimizer=adam",
         "--set", "train.lr_schedule=constant"]
 
 
-def epoch_lines(text: str, epoch: int) -> list[str]:
-    """The run's per-epoch summary lines for `epoch` (Ray prefixes a worker's lines with its name and pid)."""
-    return re.findall(rf"^.*epoch +{epoch} \| loss .*$", text, flags=re.MULTILINE)
-
-
-def assert_console_once(text: str, epochs: int) -> None:
-    """Each epoch's line exactly once, and none of Ray Train's per-report dumps."""
-    for epoch in range(1, epochs + 1):
-        assert len(epoch_lines(text, epoch)) == 1, f"epoch {epoch}:\n{text[-4000:]}"
-    assert "TrainingReport(" not in text, text[-4000:]
 
 
 def test_in_process_run_prints_each_epoch_once_with_plain_progress_off_a_terminal(synthetic_dir, tmp_path,
@@ -57,13 +49,15 @@ def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
 
 
 def test_a_worker_that_cannot_see_the_drivers_marker_stops_naming_node_and_path(tmp_path):
-    with pytest.raises(UserError, match=rf"node .* does not see .*{STORAGE_MARKER} is missing.*cluster/README.md"):
-        check_storage_marker(tmp_path, "call-1")
-    write_storage_marker(tmp_path, "call-0")  # a marker left by another call (same path, another disk's run)
+    run_dir = RunDir(tmp_path)
+    marker = re.escape(str(run_dir.storage_marker))
+    with pytest.raises(UserError, match=rf"node .* does not see .*: {marker} is missing.*cluster/README.md"):
+        check_storage_marker(run_dir, "call-1")
+    write_storage_marker(run_dir, "call-0")  # a marker left by another call (same path, another disk's run)
     with pytest.raises(UserError, match="another run's marker"):
-        check_storage_marker(tmp_path, "call-1")
-    write_storage_marker(tmp_path, "call-1")
-    check_storage_marker(tmp_path, "call-1")
+        check_storage_marker(run_dir, "call-1")
+    write_storage_marker(run_dir, "call-1")
+    check_storage_marker(run_dir, "call-1")
 
 
 def _node(node_id: str, alive: bool, reason: int = 0, message: str = "") -> dict:
@@ -104,15 +98,16 @@ def test_the_resume_hint_needs_a_checkpoint_that_reads_back_whole(tmp_path, caps
     (the same command starts the run again); once a whole one is there, it is."""
     import torch
 
-    from vpn_dist.checkpoint import STATE_FILE, STATE_KEYS, checkpoint_name, write_checkpoint
+    from vpn_dist.checkpoint import STATE_FILE, TrainState
 
-    cut = tmp_path / "checkpoints" / checkpoint_name(1)
+    run_dir = RunDir(tmp_path)
+    cut = run_dir.checkpoint(1)
     cut.mkdir(parents=True)
     (cut / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
-    assert launch._resume_hint(tmp_path) == ""
+    assert launch._resume_hint(run_dir) == ""
     assert "cannot be read" in capsys.readouterr().out  # said where the run stands
-    state = {key: {} for key in STATE_KEYS} | {"epoch": 2, "meta": {"shape": [3, 32, 32], "num_classes": 4},
-                                                "base": torch.nn.Linear(2, 2).state_dict()}
-    write_checkpoint(tmp_path / "checkpoints" / checkpoint_name(2), state)
-    assert launch._resume_hint(tmp_path) == (
+    TrainState(epoch=2, base=torch.nn.Linear(2, 2).state_dict(), generator=None, optimizer={}, scheduler={},
+               scaler={}, scaler_skipped=0, history=[], meta={"shape": [3, 32, 32], "num_classes": 4}
+               ).save(run_dir.checkpoint(2))
+    assert launch._resume_hint(run_dir) == (
         f"\nits checkpoints are kept: continue with `vpn-dist train --resume {tmp_path}`")

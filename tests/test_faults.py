@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from vpn_dist import checkpoint as ckpt
+from vpn_dist.checkpoint import TrainState
 from vpn_dist.cli import main
+from vpn_dist.run_dir import RunDir
 
 ERROR_LINE = re.compile(r"^vpn-dist [a-z]+: error: \S")
 FAST = [arg for key in ("train.batch_size=64", "train.figure_every=100", "data.num_workers=1",
@@ -182,13 +183,11 @@ def fill(disk: Path) -> Path:
 
 def fill_before(write: str):
     """(object, attribute) whose second call (epoch 2's) finds the disk full."""
-    import importlib
-
+    from vpn_dist import run_dir
     from vpn_dist.observe import RunLog
 
-    train_module = importlib.import_module("vpn_dist.train")  # `vpn_dist.train` the attribute is the function
-    return {"checkpoint": (ckpt, "write_checkpoint"), "tensorboard": (RunLog, "epoch"),
-            "metrics.json": (train_module, "write_json_atomic")}[write]
+    return {"checkpoint": (TrainState, "save"), "tensorboard": (RunLog, "epoch"),
+            "metrics.json": (run_dir, "write_json_atomic")}[write]
 
 
 @pytest.mark.parametrize("write", ["checkpoint", pytest.param("tensorboard", marks=pytest.mark.slow),
@@ -214,9 +213,9 @@ def test_a_disk_that_fills_during_training_stops_the_run_whole_and_resume_finish
         assert rc == 1 and "no space left on device" in line and "free space" in line, line
         assert "checkpoints up to epoch 1 are whole" in line and f"`vpn-dist train --resume {run}`" in line, line
         assert not temporaries(run), temporaries(run)
-        assert [p.name for p in ckpt.checkpoints(run)] == ["epoch_0001"]
+        assert [p.name for p in RunDir(run).checkpoint_dirs()] == ["epoch_0001"]
         assert not (run / "checkpoints" / "epoch_0002").exists(), "no empty or partial epoch directory"
-        ckpt.load_checkpoint(run / "checkpoints" / "epoch_0001")  # whole
+        TrainState.load(run / "checkpoints" / "epoch_0001")  # whole
         json.loads((run / "metrics.json").read_text())  # whole
         filled[0].unlink()  # make room, then the way on
         rc, _, err = run_main(["train", "--resume", str(run)], capsys)
@@ -354,8 +353,8 @@ def test_two_trains_on_one_out_at_once_leave_one_whole_run(data, tmp_path):
     line = error_line(refused, "train")
     assert "is in use by" in line or "already holds a run" in line, line
     seed = int(re.search(r"seed: (\d+)", (out / "config.yaml").read_text())[1])
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
-    assert state["config"]["train"]["seed"] == seed, "config.yaml and the checkpoint are the same run's"
+    state = TrainState.load(RunDir(out).latest_checkpoint())
+    assert state.config["train"]["seed"] == seed, "config.yaml and the checkpoint are the same run's"
     attempts = json.loads((out / "metrics.json").read_text())["attempts"]
     assert len(attempts) == 1, "metrics.json is that one run's, started once"
 
@@ -489,7 +488,7 @@ def test_a_signal_mid_run_stops_it_in_one_line_and_the_way_on_works(signum, data
     run = tmp_path / "run"
     proc = vpn_dist_process(*train_argv(data, run, "--epochs", "100000"))  # still training when the signal comes
     try:
-        wait_for(lambda: ckpt.latest_checkpoint(run) is not None, 600, proc, "a first checkpoint")
+        wait_for(lambda: RunDir(run).latest_checkpoint() is not None, 600, proc, "a first checkpoint")
         proc.send_signal(signum)
         rc, _, err = finish(proc, 120)
     finally:
@@ -500,7 +499,7 @@ def test_a_signal_mid_run_stops_it_in_one_line_and_the_way_on_works(signum, data
     assert ("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)") in line, line
     assert f"`vpn-dist train --resume {run}`" in line, line
     assert not temporaries(run)
-    done = ckpt.load_latest(run)["epoch"]
+    done = RunDir(run).latest_state()[0].epoch
     rc, _, err = run_main(["train", "--resume", str(run), "--epochs", str(done + 1)], capsys)
     assert rc == 0, err
 

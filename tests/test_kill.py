@@ -34,8 +34,7 @@ def kill_mid_epoch_3(argv: list[str], out: Path, log: Path, timeout: float = 600
             assert driver.poll() is None, f"the driver ended before epoch 2's checkpoint:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        time.sleep(1)  # let the file be whole: the test cuts it short itself
-    finally:
+    finally:  # whole or not (a copy Ray Train was making stops with the kill), the test cuts the file short itself
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert not (out / "checkpoints" / "epoch_0003").exists(), "killed mid epoch 3"
@@ -47,7 +46,8 @@ def truncate_newest_then_resume(out: Path) -> dict:
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     resumed = run_cli("train", "--resume", str(out))
     told = resumed.stdout + resumed.stderr
-    assert f"skipping checkpoint {newest.parent}" in told and "resuming from" in told and "epoch_0001" in told, told
+    assert f"skipping checkpoint {newest.parent}" in told, told
+    assert f"reading {out / 'checkpoints' / 'epoch_0001'} instead" in told, told
     assert (out / "checkpoints" / "unreadable-epoch_0002").is_dir(), "the unreadable checkpoint is kept, aside"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -154,7 +154,7 @@ def test_any_torchvision_classifier_by_name_and_a_clear_error_when_it_does_not_f
 
 
 def test_background_auroc_matches_the_pairwise_definition():
-    from vpn_dist.evaluate import background_auroc
+    from vpn_dist.evaluation import background_auroc
 
     torch.manual_seed(0)
     sigma = torch.rand(3, 6, 6).round(decimals=1)  # ties on purpose
@@ -233,7 +233,7 @@ class _AbsOfInput(torch.nn.Module):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
 def test_sigma_label_change_measures_what_the_label_alone_moves(gamma):
-    from vpn_dist.evaluate import evaluate
+    from vpn_dist.evaluation import evaluate
 
     torch.manual_seed(0)
     k = 4

@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_console import assert_console_once
 
-from vpn_dist.checkpoint import latest_checkpoint, load_checkpoint, load_latest
+from conftest import assert_console_once
+from vpn_dist.checkpoint import TrainState
 from vpn_dist.errors import UserError
+from vpn_dist.run_dir import RunDir
 
 pytestmark = pytest.mark.ray
 
@@ -246,16 +247,16 @@ def lose_node_mid_epoch(node_dir: str, out: Path) -> int:
     raylet, agents and its training worker. Returns the epochs checkpointed by then. (Killed while Ray Train copied
     the checkpoint into RUN_DIR, a node holding rank 0 left it cut short: another drill.)"""
     deadline = time.monotonic() + 900
-    while (found := latest_checkpoint(out)) is None or not reads_back(found):
+    while (found := RunDir(out).latest_checkpoint()) is None or not reads_back(found):
         assert time.monotonic() < deadline, "no checkpoint within 15 minutes"
         time.sleep(0.2)
     stop_node(node_dir, kill=True)
-    return load_latest(out)["epoch"]  # the newest that reads back whole: where a restart or --resume begins
+    return RunDir(out).latest_state()[0].epoch  # the newest that reads back whole: where a restart or --resume begins
 
 
 def reads_back(checkpoint: Path) -> bool:
     try:
-        load_checkpoint(checkpoint)
+        TrainState.load(checkpoint)
     except UserError:
         return False
     return True

@@ -440,14 +440,13 @@ def test_tiny_grid_end_to_end_and_resume_after_a_kill_reruns_nothing_finished(ti
         assert (r["test_acc_alg2"] != "") == (r["generator"] != "none")
     import torch
 
-    from vpn_dist import checkpoint as ckpt
+    from vpn_dist.run_dir import RunDir
 
     for seed in (0, 1):  # Table 2 trains the generator on the same seed's trained baseline, which stays fixed
-        base_run = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "runs" / f"synthetic/sr-none-baseline/seed{seed}"))
-        gen_run = ckpt.load_checkpoint(ckpt.latest_checkpoint(
-            out / "runs" / f"synthetic/sr-dnn3-generator-only/seed{seed}"))
-        assert gen_run["config"]["train"]["init_from"].endswith(f"sr-none-baseline/seed{seed}")
-        assert all(torch.equal(gen_run["base"][k], v) for k, v in base_run["base"].items())
+        base_run = RunDir(out / "runs" / f"synthetic/sr-none-baseline/seed{seed}").latest_state()[0]
+        gen_run = RunDir(out / "runs" / f"synthetic/sr-dnn3-generator-only/seed{seed}").latest_state()[0]
+        assert gen_run.config["train"]["init_from"].endswith(f"sr-none-baseline/seed{seed}")
+        assert all(torch.equal(gen_run.base[k], v) for k, v in base_run.base.items())
     report = (out / "report.md").read_text()
     assert "## Table 1" in report and "## Table 2" in report
     assert (out / "figures" / "figure2_synthetic.png").is_file()

@@ -199,7 +199,7 @@ def test_generator_init_std_sets_the_dnn3_generators_start_and_is_validated():
 def test_the_run_builds_its_generator_with_the_configured_init(tiny_synthetic_dir):
     from vpn_dist.config import from_dict
     from vpn_dist.data import read_meta
-    from vpn_dist.train import build_models
+    from vpn_dist.models import build_models
 
     meta = read_meta(tiny_synthetic_dir)
     for init, std in ((None, 0.002), (0.02, 0.02)):

@@ -11,7 +11,7 @@ _HOMES = {
     **dict.fromkeys(("condition", "bound_sigma", "generate_sigma", "sample_noise", "vpn_loss", "random_pixel_noise",
                      "alg2_scores", "alg2_predict", "predict_no_noise"), "vpn_dist.method"),
     "build_base": "vpn_dist.models", "build_generator": "vpn_dist.models",
-    "RunConfig": "vpn_dist.config", "train": "vpn_dist.launch", "evaluate": "vpn_dist.evaluate",
+    "RunConfig": "vpn_dist.config", "train": "vpn_dist.launch", "evaluate": "vpn_dist.evaluation",
     "Loader": "vpn_dist.data", "read_meta": "vpn_dist.data",
 }
 __all__ = list(_HOMES)

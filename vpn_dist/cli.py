@@ -34,14 +34,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from vpn_dist.launch import config_from_args, load_run, train
+    from vpn_dist.launch import config_from_args, train
+    from vpn_dist.run_dir import RunDir
 
     flags = {key: getattr(args, key) for key in train_flags()}
     if args.resume:
         if flags["out"] and flags["out"] != args.resume:
             raise UserError("--resume continues RUN_DIR in place; drop --out or give the same directory")
         flags["out"] = args.resume
-    base = load_run(args.resume) if args.resume else None
+    base = RunDir(args.resume).read_config() if args.resume else None
     cfg = config_from_args(args.config, flags, args.overrides, base, args.preset)
     final = train(cfg, resume=bool(args.resume), verbose=args.verbose)
     shown = {k: final[k] for k in ("test_acc_alg2", "test_acc_no_noise", "train_loss", "train_acc",

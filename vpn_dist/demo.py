@@ -11,6 +11,7 @@ from pathlib import Path
 from data_prep import prepare
 from vpn_dist.config import RunConfig, from_dict, load_yaml
 from vpn_dist.launch import ray_session, train
+from vpn_dist.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def main() -> int:
           "the generator ignores its input.")
     print_reproduction(REPO / "reproduction")
     print(f"\nTensorBoard: tensorboard --logdir {root / 'runs'}")
-    print(f"Figure 4 (image, noise, sigma, image + noise): {root / 'runs' / 'vpn-joint' / 'figure4.png'}")
+    print(f"Figure 4 (image, noise, sigma, image + noise): {RunDir(root / 'runs' / 'vpn-joint').figure4}")
     return 0
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -16,16 +15,15 @@ from typing import Any
 
 import torch
 
-from vpn_dist import checkpoint as ckpt
-from vpn_dist.config import (RunConfig, apply_overrides, from_dict, load_yaml, preset, resolved_gamma, save_yaml,
-                             validate)
+from vpn_dist import compat
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, load_yaml, preset, resolved_gamma, validate
 from vpn_dist.data import check_data
 from vpn_dist.errors import Interrupted, TrainingFailed, UserError, os_error_text
-from vpn_dist.evaluate import eval_loaders, evaluate_splits
-from vpn_dist.lock import hold_directory
+from vpn_dist.evaluation import eval_loaders, evaluate_splits
 from vpn_dist.observe import write_json_atomic
-from vpn_dist.train import (autocast_for, build_models, check_batch_size, check_resumable, pick_device, train_loop,
-                            trained_base)
+from vpn_dist.run_dir import RunDir
+from vpn_dist.trainer import (autocast_for, check_batch_size, check_resumable, pick_device, train_loop,
+                              trained_base)
 
 
 def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None,
@@ -38,7 +36,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     """
     validate(cfg)
     meta = check_data(cfg.data.path)  # header, counts, labels, shapes: damaged data stops before RUN_DIR exists
-    run_dir = Path(cfg.out).resolve()
+    run_dir = RunDir(Path(cfg.out).resolve())
     cfg.out, cfg.data.path = str(run_dir), str(Path(cfg.data.path).resolve())
     if cfg.train.init_from:
         cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
@@ -48,27 +46,27 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
     check_local_devices(cfg)
     check_batch_size(cfg, meta)
     # Every check before the first write: a refused run leaves RUN_DIR as it was (config.yaml included).
-    with hold_directory(run_dir, "run directory"):  # one process at a time in RUN_DIR, for the run's life
-        done = None
+    with run_dir.hold():  # one process at a time in RUN_DIR, for the run's life
         if resume:
-            done = ckpt.load_latest(run_dir)
-            if done is None:
+            found = run_dir.latest_state()
+            if found is None:
                 raise UserError(f"--resume {run_dir}: the run has no checkpoint yet; start it again without --resume")
-            if done["epoch"] >= cfg.train.epochs:
-                raise UserError(f"--resume {run_dir}: the run already completed {done['epoch']} of "
+            done, where = found
+            if done.epoch >= cfg.train.epochs:
+                raise UserError(f"--resume {run_dir}: the run already completed {done.epoch} of "
                                 f"{cfg.train.epochs} epochs")
-            check_resumable(cfg, meta, done, ckpt.latest_checkpoint(run_dir))
-        elif ckpt.has_readable_checkpoint(run_dir):  # a run that stopped before its first checkpoint starts again
+            check_resumable(cfg, meta, done, where)
+        elif run_dir.has_readable_checkpoint():  # a run that stopped before its first checkpoint starts again
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
         need = ray_resources(cfg) if cfg.dist.workers else None
         with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker, need=need) if need else \
                 contextlib.nullcontext():
             try:
                 if resume:
-                    ckpt.set_aside_unreadable(run_dir)
+                    run_dir.set_aside_unreadable()
                 else:
-                    ckpt.drop_unreadable(run_dir)
-                save_yaml(cfg, run_dir / "config.yaml")
+                    run_dir.drop_unreadable()
+                run_dir.write_config(cfg)
                 invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
                 if cfg.dist.workers == 0:
                     return train_loop(cfg, invocation=invocation)
@@ -82,7 +80,7 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
                 raise Interrupted(f"{err}; {way_on(run_dir)}", err.signum) from None
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted (Ctrl-C); {way_on(run_dir)}") from None
-        return json.loads((run_dir / "metrics.json").read_text())
+        return run_dir.read_metrics()
 
 
 def check_local_devices(cfg: RunConfig) -> None:
@@ -100,12 +98,12 @@ def _visible_devices() -> str:
     return f", CUDA_VISIBLE_DEVICES={shown!r}" if shown is not None else ""
 
 
-def way_on(run_dir: Path) -> str:
+def way_on(run_dir: RunDir) -> str:
     """After a run stopped part-way: which checkpoint is whole, and the command that continues from it."""
-    state = ckpt.load_latest(run_dir)
-    if state is None:
+    found = run_dir.latest_state()
+    if found is None:
         return f"no epoch was checkpointed: start it again with the same command (--out {run_dir})"
-    return (f"the run's checkpoints up to epoch {state['epoch']} are whole: continue with "
+    return (f"the run's checkpoints up to epoch {found[0].epoch} are whole: continue with "
             f"`vpn-dist train --resume {run_dir}`")
 
 
@@ -140,7 +138,7 @@ def ray_session(num_cpus: int = 0, need: dict[str, float] | None = None):
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if not address:
-            ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", num_cpus=num_cpus)
+            compat.init_local_ray(num_cpus)
         else:
             join_cluster(address)
     finally:
@@ -196,10 +194,8 @@ def cluster_target(address: str) -> str:
         raise UserError(f"RAY_ADDRESS={address} is a Ray dashboard/Jobs API address (what `ray job submit` "
                         f"takes), not a cluster to join: {fix}")
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup of a local cluster
-
         try:
-            target = canonicalize_bootstrap_address("auto")
+            target = compat.local_cluster_address()
         except Exception as err:  # noqa: BLE001 - Ray's lookup of a local cluster raises what it meets
             raise UserError(f"RAY_ADDRESS=auto finds no running Ray cluster on this machine ({_first_line(err)}): "
                             f"{fix}") from None
@@ -248,10 +244,9 @@ def check_cluster(need: dict[str, float] | None, address: str) -> None:
     if not need:
         return
     import ray
-    from ray._private import state
 
     try:
-        most = state.state.get_max_resources_from_cluster_config()
+        most = compat.cluster_max_resources()
     except Exception:  # noqa: BLE001 - an older cluster without the autoscaler's record
         most = None
     if most is None and _has_autoscaler():
@@ -263,10 +258,8 @@ def check_cluster(need: dict[str, float] | None, address: str) -> None:
 
 def _has_autoscaler() -> bool:
     """The cluster runs Ray's autoscaler (it publishes its status), so nodes it lacks now may come."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
     try:
-        return bool(_internal_kv_get("__autoscaling_status"))
+        return compat.cluster_has_autoscaler()
     except Exception:  # noqa: BLE001
         return False
 
@@ -301,11 +294,11 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool =
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker):
         import ray
+        import ray.train
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
-        from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        run_dir = Path(cfg.out)
+        run_dir = RunDir(cfg.out)
         trainer = TorchTrainer(
             train_on_ray_worker,
             train_loop_config={"run": cfg.to_dict(), "invocation": invocation, "verbose": verbose},
@@ -313,8 +306,8 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool =
                                          resources_per_worker={"CPU": cfg.dist.cpus_per_worker} | (
                                              {"GPU": cfg.dist.gpus_per_worker} if cfg.dist.gpu else {})),
             torch_config=TorchConfig(backend="nccl" if cfg.dist.gpu else "gloo"),
-            run_config=RayRunConfig(
-                name="checkpoints", storage_path=str(run_dir), callbacks=callbacks,
+            run_config=ray.train.RunConfig(  # Ray's: where Ray Train keeps the run (ours is the RunConfig given)
+                name=run_dir.checkpoints.name, storage_path=str(run_dir), callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
@@ -333,36 +326,21 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool =
 def train_on_ray_worker(config: dict[str, Any]) -> None:
     """What Ray Train runs on each worker. Ray passes one dict: the run config, the call's id, --verbose."""
     if not config["verbose"]:
-        quiet_report_dumps()
+        compat.hide_ray_train_report_dumps()
     cfg = from_dict(config["run"])
-    check_storage_marker(Path(cfg.out), config["invocation"])
+    check_storage_marker(RunDir(cfg.out), config["invocation"])
     train_loop(cfg, using_ray=True, invocation=config["invocation"])
 
 
-def quiet_report_dumps() -> None:
-    """Keep Ray Train's `Reporting training result N: TrainingReport(...)` line (one per rank per epoch) off the
-    console. Its logger sits outside `ray.train` (it is named by its file's path), so LoggingConfig's level misses
-    it; Ray's log files (logs/train/ray-train-app-worker-*.log in the Ray session directory) still get it."""
-    from ray._private.log import PlainRayHandler
-    from ray.train.v2._internal.execution.context import logger as report_logger
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.addFilter(lambda record: record.name != report_logger.name)
-
-
-STORAGE_MARKER = ".storage-marker"
-
-
-def write_storage_marker(run_dir: Path, invocation: str) -> None:
+def write_storage_marker(run_dir: RunDir, invocation: str) -> None:
     """The driver's note in RUN_DIR for this call: a worker that cannot read it back writes to another disk."""
-    write_json_atomic(run_dir / STORAGE_MARKER, {"invocation": invocation, "driver_host": socket.gethostname()})
+    write_json_atomic(run_dir.storage_marker, {"invocation": invocation, "driver_host": socket.gethostname()})
 
 
-def check_storage_marker(run_dir: Path, invocation: str) -> None:
+def check_storage_marker(run_dir: RunDir, invocation: str) -> None:
     """Stop before training when this worker does not see the driver's RUN_DIR: on a cluster RUN_DIR must be
     storage every node shares (checkpoints, metrics.json and recovery all go through it; cluster/README.md)."""
-    path = run_dir / STORAGE_MARKER
+    path = run_dir.storage_marker
     try:
         seen = json.loads(path.read_text()).get("invocation")
     except (OSError, ValueError):
@@ -386,12 +364,11 @@ def _lost_nodes(dead_at_start: set[str], wait_s: float = NODE_LOSS_WAIT_S) -> st
     """'node IP (id ID) was lost: why; ' for each node that died during the run (nodes that joined later too).
     A node the autoscaler removed for being idle held no worker of the run, so it is not named."""
     import ray
-    from ray.core.generated.common_pb2 import NodeDeathInfo
 
     deadline = time.monotonic() + wait_s
     while True:
         lost = [node for node in ray.nodes() if not node["Alive"] and node["NodeID"] not in dead_at_start
-                and node.get("DeathReason") != NodeDeathInfo.AUTOSCALER_DRAIN_IDLE]
+                and not compat.drained_for_idleness(node)]
         if lost or time.monotonic() >= deadline:
             return "".join(f"node {node['NodeManagerAddress']} (id {node['NodeID']}) was lost"
                            f"{': ' + node['DeathReasonMessage'] if node.get('DeathReasonMessage') else ''}; "
@@ -401,17 +378,17 @@ def _lost_nodes(dead_at_start: set[str], wait_s: float = NODE_LOSS_WAIT_S) -> st
 
 def _stopped_by_our_checks(err: Exception) -> bool:
     """Every failed rank stopped in vpn-dist's own checks (a diverged loss, RUN_DIR not shared): no node was lost,
-    so the error needs no wait for Ray's verdict on nodes. Ray Train wraps what a worker raised (`_base_exc`)."""
+    so the error needs no wait for Ray's verdict on nodes."""
     failures = getattr(err, "worker_failures", None) or {}
     ours = (UserError, TrainingFailed, FloatingPointError)
-    return bool(failures) and all(isinstance(getattr(failure, "_base_exc", failure), ours)
+    return bool(failures) and all(isinstance(compat.worker_exception(failure), ours)
                                   for failure in failures.values())
 
 
-def _resume_hint(run_dir: Path) -> str:
+def _resume_hint(run_dir: RunDir) -> str:
     """How to continue, when a checkpoint reads back whole. Ray Train copies each checkpoint into RUN_DIR, so a node
     lost during the copy leaves one cut short; with none whole, the same command starts the run again."""
-    if ckpt.load_latest(run_dir) is None:
+    if run_dir.latest_state() is None:
         return ""
     return f"\nits checkpoints are kept: continue with `vpn-dist train --resume {run_dir}`"
 
@@ -426,20 +403,11 @@ def _worker_errors(err: Exception) -> str:
     return "; ".join(lines)
 
 
-def load_run(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run directory {run_dir} {'is not a directory' if Path(run_dir).exists() else 'does not exist'}")
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_yaml(path)
-
-
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | None = None) -> dict[str, Any]:
-    """Recompute the test (and validation) metrics from a run's last checkpoint; writes RUN_DIR/eval.json.
+    """Recompute the test (and validation) metrics from a run's newest checkpoint; writes RUN_DIR/eval.json.
     top_k: Algorithm 2 over the top_k classes of h(x) (default: the run's train.alg2_top_k; 0 is exact)."""
-    run_dir = Path(run_dir)
-    cfg = load_run(run_dir)
+    run_dir = RunDir(run_dir)
+    cfg = run_dir.read_config()
     cfg.out = str(run_dir)
     if data_dir:
         cfg.data.path = str(data_dir)
@@ -448,26 +416,20 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | 
         if top_k < 0:
             raise UserError(f"--alg2-top-k {top_k} must be >= 0 (0: exact Algorithm 2)")
         cfg.train.alg2_top_k = top_k
-    found = ckpt.require_checkpoint(run_dir)
-    state = ckpt.load_checkpoint(found)
-    meta = check_data(cfg.data.path)
-    if tuple(meta["shape"]) != tuple(state["meta"]["shape"]) or meta["num_classes"] != state["meta"]["num_classes"]:
-        raise UserError(f"data {cfg.data.path} has shape {meta['shape']} and {meta['num_classes']} classes; the run "
-                        f"was trained on {state['meta']['shape']} with {state['meta']['num_classes']}")
     device = pick_device(cfg, using_ray=False)
-    num_classes = meta["num_classes"]
-    base, generator = build_models(cfg, meta, device)
-    ckpt.restore_models(state, base, generator, where=found / ckpt.STATE_FILE)
+    trained = run_dir.trained(cfg, device)
+    meta = check_data(cfg.data.path)
+    trained.check_data(meta, cfg.data.path)
     torch.manual_seed(cfg.train.seed)
-    result: dict[str, Any] = {"checkpoint": str(found), "epoch": state["epoch"]}
-    result |= evaluate_splits(base, generator, eval_loaders(cfg, meta, device), num_classes=num_classes,
-                              gamma=resolved_gamma(cfg, num_classes), bound=cfg.vpn.bound, C=cfg.vpn.C,
+    result: dict[str, Any] = {"checkpoint": str(trained.checkpoint), "epoch": trained.state.epoch}
+    result |= evaluate_splits(trained.base, trained.generator, eval_loaders(cfg, meta, device),
+                              num_classes=meta["num_classes"], gamma=trained.gamma, bound=cfg.vpn.bound, C=cfg.vpn.C,
                               autocast=autocast_for(cfg.train.amp, device), top_k=cfg.train.alg2_top_k)
     result["alg2_top_k"] = cfg.train.alg2_top_k
     try:
-        write_json_atomic(run_dir / "eval.json", result)
+        run_dir.write_eval(result)
     except OSError as err:  # a finished run on a read-only share: the results still count, printed only
-        print(f"note: {run_dir / 'eval.json'} was not written ({err.strerror or err}); the results are printed only",
+        print(f"note: {run_dir.eval} was not written ({err.strerror or err}); the results are printed only",
               file=sys.stderr, flush=True)
     return result
 

@@ -8,10 +8,10 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from vpn_dist.config import GENERATORS
 from vpn_dist.errors import UserError
 
 BASE_MODELS = ("sr", "dnn3", "resnet18", "resnet34", "resnet50")
-GENERATORS = ("dnn3", "resnet18")
 
 
 def is_torchvision_classifier(name: str) -> bool:
@@ -135,3 +135,16 @@ def build_generator(name: str, shape: tuple[int, int, int], init_std: float | st
     if name == "resnet18":
         return ResNet18Generator(shape)
     raise UserError(f"unknown generator {name!r}; use {', '.join(GENERATORS)} or none")
+
+
+def build_models(cfg, meta: dict, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """A run's base model and generator (None without one) for data of `meta`'s shape and classes, on `device` in
+    the configured memory format. `cfg` is a RunConfig (vpn_dist.config builds on this module)."""
+    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
+    generator = None
+    if cfg.model.generator != "none":
+        generator = build_generator(cfg.model.generator, shape, cfg.model.generator_init_std)
+        generator = generator.to(device, memory_format=memory_format)
+    return base, generator

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -19,6 +19,10 @@ from tqdm import tqdm
 PLAIN_PROGRESS_EVERY_S = 60.0  # off a terminal: one progress line a minute within a long epoch
 
 from vpn_dist.errors import UserError
+
+if TYPE_CHECKING:  # both build on this module
+    from vpn_dist.config import RunConfig
+    from vpn_dist.run_dir import RunDir
 
 
 def make_output_dir(path: Path, what: str) -> None:
@@ -155,16 +159,26 @@ def figure4_panels(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> t
     return torch.cat([torch.cat(list(row), dim=2) for row in tiles], dim=1)
 
 
+def hparams_of(cfg: RunConfig, gamma: float) -> dict[str, Any]:
+    """A run's settings as TensorBoard's HParams view compares them across runs."""
+    init = "none" if cfg.model.generator == "none" else str(cfg.model.generator_init_std or "authors")
+    return {"base": cfg.model.base, "generator": cfg.model.generator, "mode": cfg.vpn.mode, "gamma": gamma,
+            "m": cfg.vpn.m, "bound": cfg.vpn.bound, "C": cfg.vpn.C if cfg.vpn.C is not None else 0.0,
+            "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "weight_decay": cfg.train.weight_decay,
+            "generator_init_std": init, "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
+            "amp": cfg.train.amp, "workers": max(cfg.dist.workers, 1)}
+
+
 class RunLog:
     """Rank 0 writes; other ranks hold a RunLog that does nothing, so the train loop never branches on rank."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: RunDir, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(run_dir.tensorboard))
 
     def step(self, global_step: int, loss: float) -> None:
         if self.writer:
@@ -194,7 +208,7 @@ class RunLog:
         if last:
             import matplotlib.pyplot as plt
 
-            plt.close(figure4(x, eps, sigma, self.run_dir / "figure4.png"))
+            plt.close(figure4(x, eps, sigma, self.run_dir.figure4))
 
     def hparams(self, hparams: dict[str, Any], final: dict[str, Any]) -> None:
         if not self.enabled:

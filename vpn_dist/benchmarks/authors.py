@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.sources import read_fashion_mnist
     from vpn_dist.errors import UserError
     from vpn_dist.launch import train
-    from vpn_dist.train import resolve_amp
+    from vpn_dist.trainer import resolve_amp
 
     if args.epochs < 2:
         raise UserError(f"--epochs must be at least 2 (one warm-up epoch, then timed ones), got {args.epochs}")

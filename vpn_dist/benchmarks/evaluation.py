@@ -56,30 +56,27 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def trained_run(run_dir: str, data_dir: str | None, images: int):
-    """The run's base and generator at their last checkpoint, and up to `images` of its test split."""
-    from vpn_dist import checkpoint as ckpt
-    from vpn_dist.config import resolved_gamma
+    """The run's base and generator at their newest checkpoint, and up to `images` of its test split."""
     from vpn_dist.data import Loader, check_data
-    from vpn_dist.launch import load_run
-    from vpn_dist.train import build_models
+    from vpn_dist.run_dir import RunDir
 
-    cfg = load_run(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     if cfg.model.generator == "none":
         raise UserError(f"--run {run_dir} has no generator: Algorithm 2 needs one")
-    meta = check_data(data_dir or cfg.data.path)
-    base, generator = build_models(cfg, meta, torch.device("cpu"))
-    found = ckpt.require_checkpoint(run_dir)
-    ckpt.restore_models(ckpt.load_checkpoint(found), base, generator, where=found / ckpt.STATE_FILE)
+    data = data_dir or cfg.data.path
+    meta = check_data(data)
+    trained = run.trained(cfg)
+    trained.check_data(meta, data)
     xs, ys, n = [], [], 0
-    for x, y in Loader(data_dir or cfg.data.path, "test", batch_size=512, train=False, device=torch.device("cpu"),
-                       num_workers=1):
+    for x, y in Loader(data, "test", batch_size=512, train=False, device=torch.device("cpu"), num_workers=1):
         xs.append(x)
         ys.append(y)
         n += len(y)
         if n >= images:
             break
     x, y = torch.cat(xs)[:images], torch.cat(ys)[:images]
-    return base.eval(), generator.eval(), x, y, meta["num_classes"], resolved_gamma(cfg, meta["num_classes"])
+    return trained.base.eval(), trained.generator.eval(), x, y, meta["num_classes"], trained.gamma
 
 
 def toy_run(shape: tuple[int, int, int], classes: int, base_name: str, generator_name: str, steps: int,
@@ -88,8 +85,9 @@ def toy_run(shape: tuple[int, int, int], classes: int, base_name: str, generator
     0.3), and
     a base and generator trained on them by Algorithm 1 (Adam, lr 1e-3, batch 256): a K-class problem of any K
     that is not solved perfectly, with no data set needed."""
-    from vpn_dist.method import generate_sigma, sample_noise, vpn_loss
+    from vpn_dist.config import VPNConfig
     from vpn_dist.models import build_base, build_generator
+    from vpn_dist.trainer import TrainStep
 
     g = torch.Generator().manual_seed(0)
     means = 0.5 + spread * (torch.rand(classes, *shape, generator=g) - 0.5)
@@ -102,13 +100,10 @@ def toy_run(shape: tuple[int, int, int], classes: int, base_name: str, generator
     base, generator = build_base(base_name, shape, classes), build_generator(generator_name, shape)
     gamma = paper_gamma(classes)
     optimizer = torch.optim.Adam([*base.parameters(), *generator.parameters()], lr=1e-3)
+    step = TrainStep(base, generator, VPNConfig(mode="joint", m=1, bound="none", C=None), gamma, optimizer,
+                     torch.amp.GradScaler("cpu", enabled=False))
     for _ in range(steps):
-        x, y = draw(256)
-        sigma = generate_sigma(generator, x, y, gamma, "none", None)
-        loss = vpn_loss(base(x + sample_noise(sigma, 1)), y, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(*draw(256))
     x, y = draw(images)
     return base.eval(), generator.eval(), x, y, classes, gamma
 

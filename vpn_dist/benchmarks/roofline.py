@@ -13,6 +13,7 @@ outside matmuls (optimizer, elementwise ops, noise draws, Python).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from vpn_dist.config import RunConfig, paper_gamma
     from vpn_dist.method import alg2_predict
     from vpn_dist.models import build_base, build_generator
-    from vpn_dist.train import autocast_for, make_optimizer, resolve_amp, step_loss
+    from vpn_dist.trainer import TrainStep, autocast_for, make_optimizer, resolve_amp
 
     shape = parse_shape(args.shape)
     if args.classes < 2 or args.batch_size < 1 or args.eval_batch_size < 1 or args.steps < 1:
@@ -149,31 +150,22 @@ def run(args: argparse.Namespace) -> int:
         device, memory_format=memory_format)
     models = [m for m in (base, generator) if m is not None]
     optimizer, _ = make_optimizer(cfg, [p for m in models for p in m.parameters()])
-    base_step, generator_step = base, generator
-    if args.compile:
-        base_step = torch.compile(base)
-        generator_step = torch.compile(generator) if generator is not None else None
     autocast = autocast_for(amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     gamma = paper_gamma(args.classes)
+    eager = TrainStep(base, generator, cfg.vpn, gamma, optimizer,
+                      torch.amp.GradScaler(device.type, enabled=amp == "fp16"), autocast)
+    compiled = torch.compile if args.compile else (lambda mod: mod)
+    step = dataclasses.replace(eager, base=compiled(base),
+                               generator=compiled(generator) if generator is not None else None)
+    # the same optimizer as a loop of per-parameter ops (PyTorch's CPU default)
+    looped = dataclasses.replace(step, optimizer=type(optimizer)(
+        optimizer.param_groups[0]["params"], **{**optimizer.defaults, "fused": False, "foreach": False}))
     x = torch.rand(args.batch_size, *shape, device=device).to(memory_format=memory_format)
     y = torch.randint(0, args.classes, (args.batch_size,), device=device)
     x_eval = torch.rand(args.eval_batch_size, *shape, device=device).to(memory_format=memory_format)
 
-    def forward_backward(base_model=base_step, generator_model=generator_step):
-        with autocast:
-            _, loss = step_loss(base_model, generator_model, x, y, cfg.vpn, gamma)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-
-    def train_step(step_optimizer=optimizer):
-        forward_backward()
-        scaler.step(step_optimizer)
-        scaler.update()
-
-    # the same optimizer as a loop of per-parameter ops (PyTorch's CPU default; vpn-dist's before it used fused)
-    looped = type(optimizer)(optimizer.param_groups[0]["params"],
-                             **{**optimizer.defaults, "fused": False, "foreach": False})
+    def forward_backward(train_step: TrainStep = step):
+        train_step.backward(train_step.forward(x, y)[1])
 
     def eval_pass():  # one evaluation batch by both rules, as `evaluate` runs them
         with torch.no_grad(), autocast:
@@ -183,12 +175,12 @@ def run(args: argparse.Namespace) -> int:
 
     for m in models:
         m.train()
-    step_mm, step_conv = count_flops(lambda: forward_backward(base, generator))  # eager: the counter's hooks
+    step_mm, step_conv = count_flops(lambda: forward_backward(eager))  # eager: the counter's hooks
     with RecordMatmuls() as recorded:
-        forward_backward(base, generator)
-    step_s = median_time(train_step, device, args.steps)
+        forward_backward(eager)
+    step_s = median_time(lambda: step(x, y), device, args.steps)
     matmuls_alone_s = median_time(matmul_replay(recorded.calls, device), device, args.steps)
-    looped_s = median_time(lambda: train_step(looped), device, args.steps)
+    looped_s = median_time(lambda: looped(x, y), device, args.steps)
     fwd_bwd_s = median_time(forward_backward, device, args.steps)
     for m in models:
         m.eval()

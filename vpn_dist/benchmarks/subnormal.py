@@ -34,26 +34,25 @@ def subnormals(tensors) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vpn_dist import checkpoint as ckpt
-    from vpn_dist.config import from_dict
-    from vpn_dist.train import build_models, make_optimizer, step_loss
+    from vpn_dist.run_dir import RunDir
+    from vpn_dist.trainer import TrainStep, make_optimizer
 
     if args.steps < 1 or args.repeats < 1:
         raise UserError("--steps and --repeats must be >= 1")
     torch.set_num_threads(1)
-    state = ckpt.load_checkpoint(ckpt.require_checkpoint(args.run))
-    cfg = from_dict(state["config"])
-    base, generator = build_models(cfg, state["meta"], torch.device("cpu"))
+    trained = RunDir(args.run).trained()
+    cfg, state, base, generator = trained.cfg, trained.state, trained.base, trained.generator
     if cfg.vpn.mode == "generator-only":
         base.requires_grad_(False)
     trainable = [mod for mod in (base, generator) if mod is not None and any(p.requires_grad for p in mod.parameters())]
     optimizer, _ = make_optimizer(cfg, [p for mod in trainable for p in mod.parameters()])
-    x = torch.rand(cfg.train.batch_size, *state["meta"]["shape"])
-    y = torch.randint(0, state["meta"]["num_classes"], (cfg.train.batch_size,))
+    step = TrainStep(base, generator, cfg.vpn, trained.gamma, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    x = torch.rand(cfg.train.batch_size, *state.meta["shape"])
+    y = torch.randint(0, state.meta["num_classes"], (cfg.train.batch_size,))
 
     def restore() -> None:  # the checkpoint's weights and moments, subnormals included
-        ckpt.restore_models(state, base, generator, where=args.run)
-        optimizer.load_state_dict(state["optimizer"])
+        state.restore_models(base, generator, where=trained.checkpoint)
+        optimizer.load_state_dict(state.optimizer)
 
     restore()
     moments = subnormals(v for s in optimizer.state.values() for v in s.values())
@@ -65,14 +64,11 @@ def run(args: argparse.Namespace) -> int:
             torch.set_flush_denormal(flush)
             start = time.perf_counter()
             for _ in range(args.steps):
-                _, loss = step_loss(base, generator, x, y, cfg.vpn, state["gamma"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                step(x, y)
             rates[flush].append(args.steps * len(y) / (time.perf_counter() - start))
     torch.set_flush_denormal(False)
     ieee, flushed = statistics.median(rates[False]), statistics.median(rates[True])
-    print(f"{args.run}: epoch {state['epoch']}, {cfg.model.base} base, {cfg.model.generator} generator, "
+    print(f"{args.run}: epoch {state.epoch}, {cfg.model.base} base, {cfg.model.generator} generator, "
           f"{cfg.train.optimizer}, batch {len(y)}, {torch.get_num_threads()} threads")
     print(f"subnormal entries: optimizer state {moments[0]:,} of {moments[1]:,}; weights {weights[0]:,} of "
           f"{weights[1]:,}")

@@ -23,12 +23,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.checkpoint import checkpoints
 from vpn_dist.config import GENERATORS
 from vpn_dist.errors import UserError
 from vpn_dist.launch import check_request
 from vpn_dist.lock import hold_directory
 from vpn_dist.observe import make_output_dir, write_json_atomic
+from vpn_dist.run_dir import RunDir
 from vpn_dist.reproduce.grid import TABLES, GridRun, Plan, check_plan, data_fingerprint, data_label, grid, run_config
 from vpn_dist.reproduce.report import (CURVE_COLUMNS, FINISHED, RUN_COLUMNS, curve_rows, load_summary,
                                        last_line, mark_unknown_provenance, read_csv, run_rows, write_csv, write_report)
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     needed = {r.baseline() for r in pending if r.mode == "generator-only"}
     by_id = {r.run_id: r for r in runs}
     retraining = {base_run.run_id for base_run in needed
-                  if by_id[base_run.run_id] not in pending and not checkpoints(runs_root / base_run.run_id)}
+                  if by_id[base_run.run_id] not in pending and not RunDir(runs_root / base_run.run_id).checkpoint_dirs()}
     pending += [by_id[run_id] for run_id in sorted(retraining)]
     print(f"reproduce: {len(runs)} runs in the grid, {len(runs) - len(pending)} finished, {len(pending)} to run"
           f"{f' ({len(retraining)} finished elsewhere, trained again here)' if retraining else ''}; "

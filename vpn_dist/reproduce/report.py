@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -478,6 +477,8 @@ def last_line(command: str, out: Path, unfinished: list[str], how: str, errors_i
 
 def load_summary(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir / "metrics.json").read_text())
+        from vpn_dist.run_dir import RunDir
+
+        return RunDir(run_dir).read_metrics()
     except (OSError, ValueError):
         return None

@@ -31,6 +31,7 @@ from vpn_dist.config import RunConfig
 from vpn_dist.errors import UserError
 from vpn_dist.observe import make_output_dir, write_json_atomic
 from vpn_dist.reproduce.report import last_line, load_summary, read_csv, write_csv
+from vpn_dist.run_dir import RunDir
 from vpn_dist.study import report
 from vpn_dist.study.spec import (ARMS, Plan, Study, check_rerun_seeds, check_shared, config_id, draw_params,
                                  load_study, trial_config)
@@ -267,7 +268,7 @@ class Results:
             self.curves[(arm, n)] = report.curve_rows(arm, n, summary)
             if status in report.SEARCH_FINAL:
                 # never resumed again: its checkpoints (tens of MB each, x trials) only fill the disk
-                shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)
+                shutil.rmtree(RunDir(cfg.out).checkpoints, ignore_errors=True)
                 _write_hparams(cfg, status)
             if status != "pending":
                 self._print_trial(self.rows[(arm, n)])

@@ -193,14 +193,13 @@ def train_in_trial(cfg: RunConfig) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vpn_dist import checkpoint as ckpt
     from vpn_dist.launch import train
+    from vpn_dist.run_dir import RunDir
 
-    run_dir = Path(cfg.out)
-    metrics = run_dir / "metrics.json"
-    done = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    run_dir = RunDir(cfg.out)
+    done = run_dir.read_metrics() or {}
     if done.get("epochs_completed", 0) >= cfg.train.epochs:
         for epoch_metrics in done.get("history", []):
             tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
         return
-    train(cfg, resume=ckpt.has_readable_checkpoint(run_dir), ray_callbacks=[TuneReportCallback()])
+    train(cfg, resume=run_dir.has_readable_checkpoint(), ray_callbacks=[TuneReportCallback()])

@@ -25,13 +25,15 @@ UNFINISHED = ("pending", "running", "paused")
 def collect_rows(trials: list, out: Path, max_epochs: int | None) -> list[dict[str, Any]]:
     """One row per trial: its axis values, metrics (last report, else metrics.json), epochs and status.
     `max_epochs` stands in for the planned epochs of a trial that never wrote its config.yaml."""
+    from vpn_dist.run_dir import RunDir
+
     rows = []
     for trial in trials:
         params = dict(trial.config)
         last = dict(trial.last_result or {})
-        run_dir = out / "trials" / trial.trial_id
-        summary = _read_json(run_dir / "metrics.json")
-        cfg = _read_yaml(run_dir / "config.yaml")
+        run_dir = RunDir(out / "trials" / trial.trial_id)
+        summary = _read_json(run_dir.metrics)
+        cfg = _read_yaml(run_dir.config)
         epochs_run = int(last.get("epoch") or summary.get("epochs_completed") or 0)
         planned = cfg.get("train", {}).get("epochs") or max_epochs
         if trial.status == "ERROR":
@@ -166,7 +168,9 @@ def results_markdown(rows: list[dict[str, Any]], columns: list[str], best: dict,
 
 def write_best_config(run_dir: Path, path: Path, new_out: Path) -> None:
     """The trial's resolved config, with a fresh --out so `vpn-dist train --config FILE` starts a new run."""
-    cfg = _read_yaml(run_dir / "config.yaml")
+    from vpn_dist.run_dir import RunDir
+
+    cfg = _read_yaml(RunDir(run_dir).config)
     if not cfg:
         return
     cfg["out"] = str(new_out)
@@ -181,16 +185,17 @@ def write_hparams_for_stopped(rows: list[dict[str, Any]]) -> None:
     write it here so TensorBoard's HParams view compares every trial."""
     from vpn_dist.config import load_yaml
     from vpn_dist.observe import RunLog
-    from vpn_dist.train import hparams_of
+    from vpn_dist.observe import hparams_of
+    from vpn_dist.run_dir import RunDir
 
     for row in rows:
-        run_dir = Path(row["run_dir"])
-        if row["status"] == "completed" or (run_dir / "tb" / "hparams").exists() or not (run_dir / "config.yaml").exists():
+        run_dir = RunDir(row["run_dir"])
+        if row["status"] == "completed" or (run_dir.tensorboard / "hparams").exists() or not run_dir.config.exists():
             continue
-        summary = _read_json(run_dir / "metrics.json")
+        summary = _read_json(run_dir.metrics)
         if not summary:
             continue
-        cfg = load_yaml(run_dir / "config.yaml")
+        cfg = load_yaml(run_dir.config)
         log = RunLog(run_dir, enabled=True)
         log.hparams(hparams_of(cfg, cfg.vpn.gamma or 0.0), summary)
         log.close()

@@ -16,7 +16,7 @@ SUBSET_SEED = 0  # one fixed subset per split, the same in every run, so curves 
 def epoch_eval_images(cfg, meta: dict[str, Any], world_size: int) -> int:
     """Images per split for the per-epoch curves: train.epoch_eval_images, or when it is null a subset that keeps
     them near a twentieth of the epoch's training cost, so that with the last epoch's evaluation of every image
-    (about 4% of a 40-epoch Fashion-MNIST run) evaluation stays under a tenth of the run. Rank 0 evaluates while
+    evaluation stays under a tenth of the run. Rank 0 evaluates while
     the workers share the training; an evaluated image runs the networks forward about K + 1 times (Algorithm 2's
     K hypotheses, and sigma), a trained one about 3 times (forward and backward). 100 images per split at least
     (curves, not noise), 500 at most."""
