@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vpn_dist.benchmarks import evaluation as bench_eval
     from vpn_dist.benchmarks import loader as bench_loader
     from vpn_dist.benchmarks import roofline as bench_roofline
+    from vpn_dist.benchmarks import scale as bench_scale
     from vpn_dist.benchmarks import subnormal as bench_subnormal
     from vpn_dist.benchmarks import training as bench_training
 
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     loader = bench_sub.add_parser("loader", help="FFCV loader vs torchvision ImageFolder vs in-memory")
     bench_loader.add_arguments(loader)
     loader.set_defaults(handler=bench_loader.run)
+    scale = bench_sub.add_parser("scale", help="an ImageNet-shaped JPEG tree at N and 2N images: conversion "
+                                 "speed and peak memory, .beton size, 224x224 loading, ResNet-50 steps")
+    bench_scale.add_arguments(scale)
+    scale.set_defaults(handler=bench_scale.run)
     ray_bench = bench_sub.add_parser("ray", help="Ray Train overhead: in-process vs 1 vs 2 workers, same job")
     bench_training.add_ray_arguments(ray_bench)
     ray_bench.set_defaults(handler=bench_training.run_ray)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vpn_dist import checkpoint as ckpt
 from vpn_dist.config import RunConfig, resolved_gamma
-from vpn_dist.data import Loader, read_meta
+from vpn_dist.data import Loader, input_shape, read_meta
 from vpn_dist.errors import UserError
 from vpn_dist.evaluate import epoch_eval_images, eval_loaders, evaluate_splits
 from vpn_dist.method import generate_sigma, isotropic_noise, random_pixel_noise, sample_noise, vpn_loss
@@ -92,7 +92,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def build_models(cfg: RunConfig, meta: dict[str, Any], device: torch.device):
     """The run's base model and generator (None without one), on the device in the configured memory format."""
-    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+    shape, num_classes = input_shape(meta, cfg.data.resolution), meta["num_classes"]
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
     generator = None
@@ -272,7 +272,8 @@ def setup_run(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Run:
     generator_step = compiled(ddp(generator)) if generator is not None else None
 
     loader_args = dict(device=device, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                       os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
+                       os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last,
+                       backend=cfg.data.loader, resolution=cfg.data.resolution)
     train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
                            distributed=worker.world_size > 1, augment=cfg.data.augment, **loader_args)
     epoch_eval, final_eval = ({}, {}) if worker.rank != 0 else (
