@@ -283,8 +283,8 @@ def test_max_side_keeps_each_size_within_it_and_decodes_at_a_resolution(tmp_path
     meta = read_meta(tmp_path / "out")
     assert meta["storage"] == "jpeg" and meta["max_side"] == 40 and meta["jpeg_quality"] == 90
     assert meta["shape"] == [3, 40, 40] and meta["splits"] == {"train": 4, "val": 0, "test": 2}
-    for split, shapes in sizes.items():  # stored in sorted-class order: b (even i) before a (odd i)
-        ordered = [s for i, s in enumerate(shapes) if i % 2 == 0] + [s for i, s in enumerate(shapes) if i % 2]
+    for split, shapes in sizes.items():  # stored in sorted-class order: a (odd i) before b (even i)
+        ordered = [s for i, s in enumerate(shapes) if i % 2] + [s for i, s in enumerate(shapes) if i % 2 == 0]
         stored = beton_tables(tmp_path / "out" / f"{split}.beton").metadata["f0"]
         for (h, w), sh, sw in zip(ordered, stored["height"], stored["width"]):
             scale = min(1.0, 40 / max(h, w))  # shrunk to fit, never enlarged, aspect kept
