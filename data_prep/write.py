@@ -70,8 +70,21 @@ class _Samples:
         return image, int(self.labels[i]), self.masks[i]
 
 
-def channel_stats(sums: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels scaled to [0, 1] from _Samples.sums (exact integer totals)."""
+def channel_stats(images, sums: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train pixels scaled to [0, 1]. Arrays in memory: in float64 chunks, as
+    every earlier preparation computed them, so a set prepared again has the same meta.json to the last digit (a
+    reproduction's data fingerprint). Image files: from the writers' exact integer sums (_Samples.sums)."""
+    if isinstance(images, np.ndarray):
+        c, chunk = images.shape[1], 4096
+        total, total_sq = np.zeros(c), np.zeros(c)
+        for start in range(0, len(images), chunk):
+            block = images[start:start + chunk].astype(np.float64) / 255.0
+            total += block.sum(axis=(0, 2, 3))
+            total_sq += np.square(block).sum(axis=(0, 2, 3))
+        count = images.shape[0] * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        return mean.tolist(), std.tolist()
     totals = sums.sum(axis=0)
     channels = (len(totals) - 1) // 2
     count = float(totals[-1])
@@ -331,7 +344,7 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 os.chmod(tmp, _file_mode())  # mkstemp makes 0600
                 finished[name] = Path(tmp)
                 if name == "train":
-                    mean, std = channel_stats(sums)
+                    mean, std = channel_stats(x, sums)
             with signals_deferred():  # the old set, or the new one: never half of each
                 written = _replace_set(out_dir, finished)
             meta = {
@@ -345,10 +358,11 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 "source_checksum": data.checksum,
                 "storage": "raw" if jpeg_quality is None else "jpeg",
                 "jpeg_quality": jpeg_quality,
-                "max_side": getattr(data.train_x, "max_side", None),
                 "has_mask": data.train_mask is not None,
                 "fields": ["image", "label"] + (["mask"] if data.train_mask is not None else []),
                 "val_seed": seed,
+                # only when set: meta.json of every other set stays as before (a reproduction's data fingerprint)
+                **({"max_side": data.train_x.max_side} if getattr(data.train_x, "max_side", None) else {}),
                 **(extra_meta or {}),
             }
             with signals_deferred():
