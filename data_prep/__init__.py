@@ -24,8 +24,9 @@ def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | No
     val: hold out that many train images as val.beton; seed: of the val split and the synthetic images;
     force: overwrite a complete prepared set; size: "HxW" to resize to (imagefolder, tiny-imagenet, synthetic);
     jpeg_quality: store RGB as JPEG (1-100) instead of raw uint8; max_side: store each image as JPEG at its own size,
-    shrunk to at most that many pixels on its long side (imagefolder, tiny-imagenet; quality 90 unless given); workers: decode/write processes (default: every
-    core); classes, train_size, test_size: the synthetic set's. Bad input raises UserError.
+    shrunk to at most that many pixels on its long side (imagefolder, tiny-imagenet; quality 90 unless given);
+    workers: decode/write processes (default: every core); classes, train_size, test_size: the synthetic set's.
+    Bad input raises UserError.
     """
     out = Path(out)
     if kind not in KINDS:
