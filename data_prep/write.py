@@ -70,27 +70,61 @@ class _Samples:
         return image, int(self.labels[i]), self.masks[i]
 
 
-def channel_stats(images, sums: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the train pixels scaled to [0, 1]. Arrays in memory: in float64 chunks, as
-    every earlier preparation computed them, so a set prepared again has the same meta.json to the last digit (a
-    reproduction's data fingerprint). Image files: from the writers' exact integer sums (_Samples.sums)."""
-    if isinstance(images, np.ndarray):
-        c, chunk = images.shape[1], 4096
-        total, total_sq = np.zeros(c), np.zeros(c)
-        for start in range(0, len(images), chunk):
-            block = images[start:start + chunk].astype(np.float64) / 255.0
-            total += block.sum(axis=(0, 2, 3))
-            total_sq += np.square(block).sum(axis=(0, 2, 3))
-        count = images.shape[0] * images.shape[2] * images.shape[3]
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+def channel_stats(blocks, sums: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train pixels scaled to [0, 1]: in float64 over uint8 (N, C, H, W) blocks of
+    4096 images, as every earlier preparation computed them, so a set prepared again has the same meta.json to the
+    last digit (a reproduction's data fingerprint); or, for JPEG sets from image files (blocks None), from the
+    writers' exact integer sums (_Samples.sums)."""
+    if blocks is None:
+        totals = sums.sum(axis=0)
+        channels = (len(totals) - 1) // 2
+        count = float(totals[-1])
+        mean = totals[:channels] / 255.0 / count
+        std = np.sqrt(np.maximum(totals[channels:2 * channels] / 255.0**2 / count - mean**2, 0.0))
         return mean.tolist(), std.tolist()
-    totals = sums.sum(axis=0)
-    channels = (len(totals) - 1) // 2
-    count = float(totals[-1])
-    mean = totals[:channels] / 255.0 / count
-    std = np.sqrt(np.maximum(totals[channels:2 * channels] / 255.0**2 / count - mean**2, 0.0))
+    total = total_sq = None
+    count = 0
+    for block in blocks:
+        block = block.astype(np.float64) / 255.0
+        if total is None:
+            total, total_sq = np.zeros(block.shape[1]), np.zeros(block.shape[1])
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += np.square(block).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.tolist(), std.tolist()
+
+
+def _stat_blocks(images, written: Path, chunk: int = 4096):
+    """The train images in blocks of `chunk`: sliced from an array, or read back from the raw .beton just written
+    (image files: decoded once only, by the writers); None for JPEG image files (their stats come from the sums)."""
+    if isinstance(images, np.ndarray):
+        return (images[start:start + chunk] for start in range(0, len(images), chunk))
+    if getattr(images, "max_side", None) is not None or not _is_raw(written):
+        return None
+    return _raw_blocks(written, chunk)
+
+
+def _is_raw(path: Path) -> bool:
+    from ffcv.fields import NDArrayField
+
+    from vpn_dist.compat import beton_tables
+
+    return isinstance(beton_tables(path).handlers["image"], NDArrayField)
+
+
+def _raw_blocks(path: Path, chunk: int):
+    """A raw .beton's images, in order, straight from the file: each sample is C*H*W bytes at its data pointer."""
+    from vpn_dist.compat import beton_tables
+
+    tables = beton_tables(path)
+    shape = tables.handlers["image"].shape
+    pointers = tables.metadata[tables.metadata.dtype.names[0]].astype(np.int64)  # a raw field: its data pointer
+    pixels = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int(np.prod(shape))
+    for start in range(0, len(pointers), chunk):
+        yield np.stack([pixels[p:p + size].reshape(shape) for p in pointers[start:start + chunk]])
 
 
 def _page_size(sample_bytes: int) -> int:
@@ -344,7 +378,7 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 os.chmod(tmp, _file_mode())  # mkstemp makes 0600
                 finished[name] = Path(tmp)
                 if name == "train":
-                    mean, std = channel_stats(x, sums)
+                    mean, std = channel_stats(_stat_blocks(x, Path(tmp)), sums)
             with signals_deferred():  # the old set, or the new one: never half of each
                 written = _replace_set(out_dir, finished)
             meta = {
