@@ -17,14 +17,16 @@ KINDS = ("fashion-mnist", "cifar10", "tiny-imagenet", "imagefolder", "synthetic"
 
 def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | None = None, val: int = 0,
             seed: int = 0, force: bool = False, size: str | None = None, jpeg_quality: int | None = None,
-            workers: int | None = None, classes: int = 4, train_size: int = 4000,
+            max_side: int | None = None, workers: int | None = None, classes: int = 4, train_size: int = 4000,
             test_size: int = 1000) -> dict[str, Any]:
     """Convert `source` (a `kind` of data set; synthetic: generated) into `out`; returns the written meta.json.
 
     val: hold out that many train images as val.beton; seed: of the val split and the synthetic images;
     force: overwrite a complete prepared set; size: "HxW" to resize to (imagefolder, tiny-imagenet, synthetic);
-    jpeg_quality: store RGB as JPEG (1-100) instead of raw uint8; workers: decode/write processes (default: every
-    core); classes, train_size, test_size: the synthetic set's. Bad input raises UserError.
+    jpeg_quality: store RGB as JPEG (1-100) instead of raw uint8; max_side: store each image as JPEG at its own size,
+    shrunk to at most that many pixels on its long side (imagefolder, tiny-imagenet; quality 90 unless given);
+    workers: decode/write processes (default: every core); classes, train_size, test_size: the synthetic set's.
+    Bad input raises UserError.
     """
     out = Path(out)
     if kind not in KINDS:
@@ -33,6 +35,14 @@ def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | No
         raise UserError(f"--val {val} must be >= 0")
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality {jpeg_quality} must be between 1 and 100")
+    if max_side is not None:
+        if kind not in ("imagefolder", "tiny-imagenet"):
+            raise UserError(f"--max-side is for image trees (imagefolder, tiny-imagenet), not {kind}")
+        if max_side < 8:
+            raise UserError(f"--max-side {max_side} must be at least 8")
+        if size is not None:
+            raise UserError("--max-side keeps each image's own size; it cannot go with --size")
+        jpeg_quality = 90 if jpeg_quality is None else jpeg_quality
     if out.exists() and not out.is_dir():  # fail before a long decode
         raise UserError(f"--out {out} exists and is not a directory")
     if (out / "meta.json").exists() and not force:
@@ -42,8 +52,8 @@ def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | No
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
-    data = _load_source(kind, source, workers, image_size, classes=classes, train_size=train_size, test_size=test_size,
-                        seed=seed)
+    data = _load_source(kind, source, workers, image_size, max_side, classes=classes, train_size=train_size,
+                        test_size=test_size, seed=seed)
     for note in data.notes:
         print(f"note: {note}")
     from data_prep.write import write_dataset
@@ -51,7 +61,8 @@ def prepare(kind: str, out: str | os.PathLike, *, source: str | os.PathLike | No
     meta = write_dataset(out, data, source_kind=kind, val=val, seed=seed, force=force, jpeg_quality=jpeg_quality,
                          num_workers=workers)
     splits = ", ".join(f"{k} {v}" for k, v in meta["splits"].items() if v)
-    print(f"wrote {out}: {splits}; {meta['num_classes']} classes, shape {meta['shape']}, "
+    shape = f"at most {max_side} pixels a side" if max_side else f"shape {meta['shape']}"
+    print(f"wrote {out}: {splits}; {meta['num_classes']} classes, {shape}, "
           f"storage {meta['storage']} in {time.perf_counter() - start:.1f}s")
     return meta
 
@@ -65,8 +76,8 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def _load_source(kind: str, source: str | os.PathLike | None, workers: int, size: tuple[int, int] | None, *,
-                 classes: int, train_size: int, test_size: int, seed: int):
+def _load_source(kind: str, source: str | os.PathLike | None, workers: int, size: tuple[int, int] | None,
+                 max_side: int | None, *, classes: int, train_size: int, test_size: int, seed: int):
     from data_prep import sources, synthetic
 
     if kind == "synthetic":
@@ -80,5 +91,5 @@ def _load_source(kind: str, source: str | os.PathLike | None, workers: int, size
     if kind == "cifar10":
         return sources.read_cifar10(source, workers)
     if kind == "tiny-imagenet":
-        return sources.read_tiny_imagenet(source, workers, size=size)
-    return sources.read_imagefolder(source, workers, size=size)
+        return sources.read_tiny_imagenet(source, workers, size=size, max_side=max_side)
+    return sources.read_imagefolder(source, workers, size=size, max_side=max_side)

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--size", help="HxW to resize images to (imagefolder, tiny-imagenet, synthetic)")
     option("--jpeg-quality", type=int, help="store RGB images as JPEG at this quality (1-100) "
            "instead of raw uint8; meant for images larger than 64x64")
+    option("--max-side", type=int, help="store each image as JPEG at its own size, shrunk to at most N pixels on "
+           "its long side (FFCV's max_resolution; imagefolder, tiny-imagenet); train with data.resolution")
     option("--workers", type=int, help="decode/write processes (default: every core)")
     option("--classes", type=int, help="synthetic: number of classes (2-8, default 4)")
     option("--train-size", type=int, help="synthetic: train images (default 4000)")

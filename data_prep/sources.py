@@ -1,4 +1,5 @@
-"""Readers from each source layout to a `SourceData` (uint8 arrays in memory).
+"""Readers from each source layout to a `SourceData`: uint8 arrays in memory for the small fixed-format sets,
+`ImageFiles` (decoded one image at a time while writing) for image trees of any size.
 
 Each reader checks its input and raises `UserError` naming the file at fault; nothing here touches the
 output directory, so a bad source never leaves a .beton behind.
@@ -176,22 +177,37 @@ def read_cifar10(source: Path, workers: int) -> SourceData:
 
 # --------------------------------------------------------------------------- image trees
 
-def _decode(path: str):
-    """Read, hash and decode one image file; errors come back as text (this runs in a pool)."""
+def _read_image(path: str) -> np.ndarray:
+    """One image file as 8-bit gray (H, W) or RGB (H, W, 3); UserError naming the file when it cannot be."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array, error = to_uint8(im)
+    except OSError as err:
+        if err.strerror:  # the file itself (missing, unreadable), not its contents
+            raise UserError(f"{path}: cannot read ({err.strerror})") from None
+        error = f"not a readable image ({type(err).__name__}: {err})"
+    except Exception as err:  # noqa: BLE001 - Pillow raises what a damaged file makes it raise
+        error = f"not a readable image ({type(err).__name__}: {err})"
+    if error:
+        raise UserError(f"{path}: {error}")
+    return array
+
+
+def _scan(path: str):
+    """Hash one file and read its image header: (digest, (H, W), gray, bytes) or (None, why, None, None)."""
     try:
         with open(path, "rb") as fh:
             blob = fh.read()
     except OSError as err:
-        return None, f"cannot read ({err.strerror})", None
+        return None, f"cannot read ({err.strerror})", None, None
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            im.load()
-            array, error = to_uint8(im)
-    except Exception as err:
-        return None, f"not a readable image ({type(err).__name__}: {err})", None
-    if error:
-        return None, error, None
-    return array, None, hashlib.sha256(blob).digest()
+            width, height = im.size
+            gray = im.mode in GRAY_MODES or im.mode.startswith("I;16") or im.mode in ("I", "F")
+    except Exception as err:  # noqa: BLE001
+        return None, f"not a readable image ({type(err).__name__}: {err})", None, None
+    return hashlib.sha256(blob).digest(), (height, width), gray, len(blob)
 
 
 def to_uint8(im: Image.Image) -> tuple[np.ndarray | None, str | None]:
@@ -224,52 +240,74 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def decode_images(paths: list[Path], workers: int, desc: str) -> tuple[list[np.ndarray], list[bytes]]:
-    """Decode files in a fork pool (inline for a few files), with a progress bar; UserError on the first bad one."""
-    arrays, digests = [], []
+def scan_images(paths: list[Path], workers: int, desc: str) -> list[tuple]:
+    """_scan every file in a fork pool (inline for a few), with a progress bar; UserError on the first bad one.
+    Reads headers only: what decoding finds wrong (a truncated file) stops the writer instead."""
     names = [str(p) for p in paths]
     if workers > 1 and len(names) > 256:
         pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
-        results = pool.imap(_decode, names, chunksize=256)
+        results = pool.imap(_scan, names, chunksize=256)
     else:
-        pool, results = None, map(_decode, names)
+        pool, results = None, map(_scan, names)
+    found = []
     try:
-        for name, (array, error, digest) in tqdm(zip(names, results), total=len(names), desc=desc,
-                                                 unit="img", mininterval=1.0, disable=len(names) < 1000):
-            if error:
-                raise UserError(f"{name}: {error}")
-            arrays.append(array)
-            digests.append(digest)
+        for name, (digest, size, gray, nbytes) in tqdm(zip(names, results), total=len(names), desc=desc,
+                                                       unit="img", mininterval=1.0, disable=len(names) < 1000):
+            if digest is None:
+                raise UserError(f"{name}: {size}")
+            found.append((digest, size, gray, nbytes))
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    return arrays, digests
+    return found
 
 
-def stack_images(arrays: list[np.ndarray], *, channels: int | None, size: tuple[int, int] | None,
-                 notes: list[str]) -> np.ndarray:
-    """One (N, C, H, W) uint8 array: gray only when every image is gray (or channels=1), odd sizes resized."""
-    if channels is None:
-        channels = 1 if all(a.ndim == 2 for a in arrays) else 3
-    if size is None:
-        size = Counter(a.shape[:2] for a in arrays).most_common(1)[0][0]
-    out = np.empty((len(arrays), channels) + tuple(size), dtype=np.uint8)
-    resized = 0
-    for i, a in enumerate(arrays):
-        if a.shape[:2] != tuple(size):
-            resample = Image.Resampling.BILINEAR
-            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), resample))
-            resized += 1
-        if a.ndim == 2:
-            out[i] = a[None] if channels == 1 else np.broadcast_to(a[None], (3,) + a.shape)
-        elif channels == 1:
-            out[i, 0] = np.asarray(Image.fromarray(a).convert("L"))
-        else:
-            out[i] = a.transpose(2, 0, 1)
-    if resized:
-        notes.append(f"resized {resized} of {len(arrays)} images to {size[0]}x{size[1]}")
-    return out
+def conform(array: np.ndarray, *, channels: int, size: tuple[int, int] | None,
+            max_side: int | None = None) -> np.ndarray:
+    """One decoded image as (C, H, W) uint8: resized to `size` (bilinear) when it differs, or shrunk to fit within
+    max_side; gray repeated to RGB for channels=3, RGB made gray for channels=1."""
+    if size is not None and array.shape[:2] != tuple(size):
+        array = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    if array.ndim == 2:
+        array = array[None] if channels == 1 else np.broadcast_to(array[None], (3,) + array.shape)
+    elif channels == 1:
+        array = np.asarray(Image.fromarray(array).convert("L"))[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    if max_side is not None:
+        from vpn_dist.compat import fit_within
+
+        array = fit_within(np.ascontiguousarray(array.transpose(1, 2, 0)), max_side).transpose(2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+class ImageFiles:
+    """Image files standing in for the uint8 (N, C, H, W) array they decode to, so a set of any size converts in
+    bounded memory: `files[i]` reads and decodes image i (in one of ffcv's writer processes), `files[indices]` is a
+    subset. Every image becomes `size`, or with max_side keeps its own size, shrunk to fit within max_side
+    (its nominal shape is then C x max_side x max_side)."""
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, paths: list[str], nbytes: np.ndarray, *, channels: int, size: tuple[int, int] | None,
+                 max_side: int | None = None):
+        self.paths, self.nbytes = paths, np.asarray(nbytes, dtype=np.int64)
+        self.channels, self.size, self.max_side = channels, size, max_side
+        self.shape = (len(paths), channels) + (tuple(size) if max_side is None else (max_side, max_side))
+        self.file_bytes = int(self.nbytes.sum())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return conform(_read_image(self.paths[index]), channels=self.channels, size=self.size,
+                           max_side=self.max_side)
+        index = np.arange(len(self))[index]
+        return ImageFiles([self.paths[i] for i in index], self.nbytes[index], channels=self.channels,
+                          size=self.size, max_side=self.max_side)
 
 
 def _tree_checksum(root: Path, paths: list[Path], digests: list[bytes]) -> str:
@@ -295,7 +333,7 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
 
 
 def read_imagefolder(source: Path, workers: int, *, channels: int | None = None,
-                     size: tuple[int, int] | None = None) -> SourceData:
+                     size: tuple[int, int] | None = None, max_side: int | None = None) -> SourceData:
     """`train/<class>/...` and `test/<class>/...` (or `val/`); class index = sorted folder name."""
     _require_dir(source, "image tree")
     train_dir = _require_dir(source / "train", "train folder")
@@ -313,21 +351,36 @@ def read_imagefolder(source: Path, workers: int, *, channels: int | None = None,
     for split, files in (("train", train_files), ("test", test_files)):
         paths[split] = [p for c in classes for p in files[c]]
         labels[split] = np.concatenate([np.full(len(files[c]), i, np.int64) for i, c in enumerate(classes)])
-    return _decode_splits(source, paths, labels, classes, workers, channels=channels, size=size)
+    return _image_splits(source, paths, labels, classes, workers, channels=channels, size=size,
+                         max_side=max_side)
 
 
-def _decode_splits(root, paths, labels, classes, workers, *, channels, size) -> SourceData:
+def _image_splits(root, paths, labels, classes, workers, *, channels, size, max_side) -> SourceData:
+    """Scan every file (checksum, sizes, gray or not) and settle the shape; the pixels are decoded while writing.
+    Gray only when every image is gray (or channels=1); odd sizes are resized to the most common one (or to
+    `size`); with max_side, RGB at each image's own size, shrunk to fit."""
     all_paths = paths["train"] + paths["test"]
-    arrays, digests = decode_images(all_paths, workers, desc=f"decoding {root.name}")
-    notes: list[str] = []
-    images = stack_images(arrays, channels=channels, size=size, notes=notes)
+    found = scan_images(all_paths, workers, desc=f"scanning {root.name}")
+    sizes = [size for _, size, _, _ in found]
+    if max_side is not None:
+        channels, size, notes = 3, None, []
+    else:
+        if channels is None:
+            channels = 1 if all(gray for _, _, gray, _ in found) else 3
+        if size is None:
+            size = Counter(sizes).most_common(1)[0][0]
+        resized = sum(s != tuple(size) for s in sizes)
+        notes = [f"resized {resized} of {len(sizes)} images to {size[0]}x{size[1]}"] if resized else []
+    nbytes = np.array([n for _, _, _, n in found], dtype=np.int64)
+    images = ImageFiles([str(p) for p in all_paths], nbytes, channels=channels, size=size, max_side=max_side)
     n_train = len(paths["train"])
     return SourceData(train_x=images[:n_train], train_y=labels["train"], test_x=images[n_train:],
                       test_y=labels["test"], class_names=list(classes),
-                      checksum=_tree_checksum(root, all_paths, digests), notes=notes)
+                      checksum=_tree_checksum(root, all_paths, [d for d, _, _, _ in found]), notes=notes)
 
 
-def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | None = None) -> SourceData:
+def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | None = None,
+                       max_side: int | None = None) -> SourceData:
     """tiny-imagenet-200/: wnids.txt (class order), words.txt (names), train/<wnid>/images, val/ as test."""
     if (source / "tiny-imagenet-200").is_dir():
         source = source / "tiny-imagenet-200"
@@ -379,6 +432,6 @@ def read_tiny_imagenet(source: Path, workers: int, *, size: tuple[int, int] | No
     for p in test_paths:
         if not p.is_file():
             raise UserError(f"{p} is listed in {annotations} but missing")
-    return _decode_splits(source, {"train": train_paths, "test": test_paths},
-                          {"train": np.array(train_labels, np.int64), "test": np.array(test_labels, np.int64)},
-                          [words.get(w, w) for w in wnids], workers, channels=3, size=size)
+    return _image_splits(source, {"train": train_paths, "test": test_paths},
+                         {"train": np.array(train_labels, np.int64), "test": np.array(test_labels, np.int64)},
+                         [words.get(w, w) for w in wnids], workers, channels=3, size=size, max_side=max_side)

@@ -1,8 +1,10 @@
 """Write decoded splits to FFCV .beton files plus meta.json, atomically.
 
-Every reader in this package hands over a `SourceData` (uint8 arrays in memory); this module validates
-it, carves the validation split, computes train statistics and writes `train/val/test.beton` to
-temporary names that are renamed only when complete, `meta.json` last.  A directory without
+Every reader in this package hands over a `SourceData`: uint8 arrays in memory for the small sets, or
+`ImageFiles` for image trees, which ffcv's writer processes decode one image at a time, so memory does not
+grow with the number of images. This module validates it, carves the validation split, writes
+`train/val/test.beton` to temporary names that are renamed only when complete, `meta.json` last, with the
+train statistics the writers summed on the way.  A directory without
 `meta.json` is never a usable data set, so an interrupted run cannot leave something that looks valid.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _file_mode() -> int:
 
 @dataclass
 class SourceData:
-    """A whole data set decoded into memory: images (N, C, H, W) uint8, labels int64."""
+    """A whole data set: images (N, C, H, W) uint8 (an array, or ImageFiles that decode on demand), labels int64."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -42,17 +44,25 @@ class SourceData:
     notes: list[str] = field(default_factory=list)
 
 
-class _Arrays:
-    """The indexable dataset ffcv's DatasetWriter reads from (worker processes share it by fork)."""
+class _Samples:
+    """The indexable dataset ffcv's writer processes read (they share it by fork). Each sample's per-channel pixel
+    sums land in `sums`, memory shared with the parent, for the train statistics: no second pass over the images."""
 
     def __init__(self, images, labels, masks, hwc):
+        import multiprocessing
+
         self.images, self.labels, self.masks, self.hwc = images, labels, masks, hwc
+        channels = images.shape[1]
+        shared = multiprocessing.RawArray("q", len(labels) * (2 * channels + 1))
+        self.sums = np.frombuffer(shared, dtype=np.int64).reshape(len(labels), 2 * channels + 1)
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        image = self.images[i]
+        image = np.asarray(self.images[i])  # ImageFiles decode here, in the writer process
+        wide = image.reshape(image.shape[0], -1).astype(np.int64)
+        self.sums[i] = np.concatenate([wide.sum(1), np.square(wide).sum(1), [wide.shape[1]]])
         if self.hwc:  # RGBImageField wants H, W, C
             image = np.ascontiguousarray(image.transpose(1, 2, 0))
         if self.masks is None:
@@ -60,19 +70,61 @@ class _Arrays:
         return image, int(self.labels[i]), self.masks[i]
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels scaled to [0, 1], in float64, chunked to bound memory."""
-    c = images.shape[1]
-    total = np.zeros(c)
-    total_sq = np.zeros(c)
-    for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].astype(np.float64) / 255.0
+def channel_stats(blocks, sums: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train pixels scaled to [0, 1]: in float64 over uint8 (N, C, H, W) blocks of
+    4096 images, as every earlier preparation computed them, so a set prepared again has the same meta.json to the
+    last digit (a reproduction's data fingerprint); or, for JPEG sets from image files (blocks None), from the
+    writers' exact integer sums (_Samples.sums)."""
+    if blocks is None:
+        totals = sums.sum(axis=0)
+        channels = (len(totals) - 1) // 2
+        count = float(totals[-1])
+        mean = totals[:channels] / 255.0 / count
+        std = np.sqrt(np.maximum(totals[channels:2 * channels] / 255.0**2 / count - mean**2, 0.0))
+        return mean.tolist(), std.tolist()
+    total = total_sq = None
+    count = 0
+    for block in blocks:
+        block = block.astype(np.float64) / 255.0
+        if total is None:
+            total, total_sq = np.zeros(block.shape[1]), np.zeros(block.shape[1])
         total += block.sum(axis=(0, 2, 3))
         total_sq += np.square(block).sum(axis=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+        count += block.shape[0] * block.shape[2] * block.shape[3]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.tolist(), std.tolist()
+
+
+def _stat_blocks(images, written: Path, chunk: int = 4096):
+    """The train images in blocks of `chunk`: sliced from an array, or read back from the raw .beton just written
+    (image files: decoded once only, by the writers); None for JPEG image files (their stats come from the sums)."""
+    if isinstance(images, np.ndarray):
+        return (images[start:start + chunk] for start in range(0, len(images), chunk))
+    if getattr(images, "max_side", None) is not None or not _is_raw(written):
+        return None
+    return _raw_blocks(written, chunk)
+
+
+def _is_raw(path: Path) -> bool:
+    from ffcv.fields import NDArrayField
+
+    from vpn_dist.compat import beton_tables
+
+    return isinstance(beton_tables(path).handlers["image"], NDArrayField)
+
+
+def _raw_blocks(path: Path, chunk: int):
+    """A raw .beton's images, in order, straight from the file: each sample is C*H*W bytes at its data pointer."""
+    from vpn_dist.compat import beton_tables
+
+    tables = beton_tables(path)
+    shape = tables.handlers["image"].shape
+    pointers = tables.metadata[tables.metadata.dtype.names[0]].astype(np.int64)  # a raw field: its data pointer
+    pixels = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int(np.prod(shape))
+    for start in range(0, len(pointers), chunk):
+        yield np.stack([pixels[p:p + size].reshape(shape) for p in pointers[start:start + chunk]])
 
 
 def _page_size(sample_bytes: int) -> int:
@@ -82,97 +134,104 @@ def _page_size(sample_bytes: int) -> int:
     return page
 
 
-def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None,
-                *, jpeg_quality: int | None = None, num_workers: int = 2) -> None:
-    """Write one split to `path` (fields: image, label[, mask]); no renaming or cleanup here."""
+def _writers(num_workers: int, count: int) -> int:
+    """Fewer writer processes than cores for tiny splits: each one costs a fork and a page."""
+    return max(1, min(num_workers, count // 1000 + 1))
+
+
+def write_beton(path: Path, images, labels: np.ndarray, masks: np.ndarray | None = None,
+                *, jpeg_quality: int | None = None, num_workers: int = 2, desc: str = "writing") -> np.ndarray:
+    """Write one split to `path` (fields: image, label[, mask]); no renaming or cleanup here. `images`: a uint8
+    (N, C, H, W) array or ImageFiles. Returns each sample's pixel sums (see channel_stats)."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    max_side = getattr(images, "max_side", None)
     if jpeg_quality is None:
         image_field = NDArrayField(dtype=np.dtype("uint8"), shape=tuple(images.shape[1:]))
     else:
-        image_field = RGBImageField(write_mode="jpg", jpeg_quality=jpeg_quality)
+        image_field = RGBImageField(write_mode="jpg", jpeg_quality=jpeg_quality, max_resolution=max_side)
     fields = {"image": image_field, "label": IntField()}
     if masks is not None:
         fields["mask"] = NDArrayField(dtype=np.dtype("uint8"), shape=tuple(masks.shape[1:]))
     sample_bytes = int(np.prod(images.shape[1:])) + (0 if masks is None else int(np.prod(masks.shape[1:])))
-    # Fewer writer processes than cores for tiny splits: each one costs a fork and a page.
-    workers = max(1, min(num_workers, len(labels) // 1000 + 1))
-    writer = _watched_writer(DatasetWriter)(str(path), fields, page_size=_page_size(sample_bytes), num_workers=workers)
-    writer.from_indexed_dataset(_Arrays(images, labels, masks, hwc=jpeg_quality is not None),
-                                chunksize=max(1, min(1000, len(labels) // workers)))
+    workers = _writers(num_workers, len(labels))
+    writer = DatasetWriter(str(path), fields, page_size=_page_size(sample_bytes), num_workers=workers)
+    samples = _Samples(images, labels, masks, hwc=jpeg_quality is not None)
+    _write_watched(writer, samples, chunksize=max(1, min(1000, len(labels) // workers)), desc=desc)
+    return samples.sums
 
 
-def beton_bytes(images: np.ndarray, masks: np.ndarray | None, num_workers: int) -> int:
-    """About how large write_beton's file for these arrays will be: the samples, their metadata rows, and the pages
-    that pad them (each writer process fills pages of its own, the first one aligned to a page)."""
+def beton_bytes(images, masks: np.ndarray | None, num_workers: int, jpeg: bool = False) -> int:
+    """About how large write_beton's file for these images will be: the samples, their metadata rows, and the pages
+    that pad them (each writer process fills pages of its own, the first one aligned to a page). JPEG files from
+    an image tree: at most twice the source files (a re-encoded JPEG is rarely larger than its source)."""
     sample_bytes = int(np.prod(images.shape[1:])) + (0 if masks is None else int(np.prod(masks.shape[1:])))
-    workers = max(1, min(num_workers, len(images) // 1000 + 1))
-    return len(images) * (sample_bytes + 64) + (workers + 1) * _page_size(sample_bytes)
+    stored = len(images) * sample_bytes
+    if jpeg and hasattr(images, "file_bytes"):
+        stored = min(stored, 2 * images.file_bytes)
+    return stored + len(images) * 64 + (_writers(num_workers, len(images)) + 1) * _page_size(sample_bytes)
 
 
-def _watched_writer(base):
-    """ffcv's DatasetWriter with its writer processes watched. ffcv's own parent waits, with no timeout, for a count
-    of written samples that a writer which died (of ENOSPC, say) never reaches, while the other writers spin for that
-    writer's page: a hang. This copy of ffcv's `_write_common` (ffcv 1.0) has each writer report what stopped it; the
-    parent, seeing a writer fail or vanish, stops the others, frees the shared memory and raises that error (an
-    OSError keeps its errno)."""
+def _write_watched(writer, dataset, *, chunksize: int, desc: str) -> None:
+    """ffcv's `from_indexed_dataset` with its writer processes watched. ffcv's own parent waits, with no timeout,
+    for a count of written samples that a writer which died (of ENOSPC, say) never reaches, while the other writers
+    spin for that writer's page: a hang. Here each writer reports what stopped it; the parent, seeing a writer fail
+    or vanish, stops the others, frees the shared memory and raises that error (an OSError keeps its errno, a
+    UserError its text). Progress shows images/s and the time left."""
     import ctypes
+    import multiprocessing
     import queue
     import time
-    from multiprocessing import Process, Queue, SimpleQueue, Value
 
-    from ffcv.memory_allocator import MemoryAllocator
     from tqdm import tqdm
 
-    class WatchedWriter(base):
-        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
-            self.num_samples = num_samples
-            self.prepare()  # the header, and the shared memory every writer fills with its samples' metadata
-            processes: list[Process] = []
-            try:
-                work: Queue = Queue()
-                for todo in queue_content:
-                    work.put(todo)
-                for _ in range(self.num_workers):
-                    work.put(None)  # one "no more work" per writer
-                allocations: Queue = Queue()
-                errors = SimpleQueue()
-                done = Value(ctypes.c_uint64, 0)
-                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
-                        *extra_worker_args)
-                processes = [Process(target=_report_failure, args=(work_fn, errors, *args))
-                             for _ in range(self.num_workers)]
-                for process in processes:
-                    process.start()
-                with tqdm(total=self.num_samples) as progress:
-                    while progress.n < self.num_samples:
-                        _raise_writer_failure(processes, errors)
-                        if done.value > progress.n:
-                            progress.update(done.value - progress.n)
-                        time.sleep(0.1)
-                allocation_list = []
-                for _ in processes:  # each writer sends its page allocations as it ends
-                    while True:
-                        _raise_writer_failure(processes, errors)
-                        try:
-                            allocation_list.extend(allocations.get(timeout=0.2))
-                            break
-                        except queue.Empty:
-                            continue
-                for process in processes:
-                    process.join()
-                self.finalize(allocation_list)
-            finally:
-                for process in processes:
-                    if process.is_alive():
-                        process.terminate()
-                        process.join(timeout=5)
-                self.metadata_sm.close()
-                self.metadata_sm.unlink()
+    from vpn_dist import compat
 
-    return WatchedWriter
+    fork = multiprocessing.get_context("fork")  # the writers share `dataset` (and its sums) with this process
+    count = len(dataset)
+    processes = []
+    try:
+        begun = compat.writer_begin(writer, count)
+        work = fork.Queue()
+        for start in range(0, count, chunksize):
+            indices = np.arange(start, min(start + chunksize, count))
+            work.put(np.stack([indices, indices], axis=1))  # (destination, source) rows, as ffcv's own loop
+        for _ in range(writer.num_workers):
+            work.put(None)  # one "no more work" per writer
+        allocations = fork.Queue()
+        errors = fork.SimpleQueue()
+        done = fork.Value(ctypes.c_uint64, 0)
+        args = (compat.writer_job(), errors, work, *begun, done, allocations, dataset)
+        processes = [fork.Process(target=_report_failure, args=args) for _ in range(writer.num_workers)]
+        for process in processes:
+            process.start()
+        written = 0
+        with tqdm(total=count, desc=desc, unit="img", mininterval=1.0, disable=count < 1000) as progress:
+            while written < count:  # (a disabled bar does not count)
+                _raise_writer_failure(processes, errors)
+                if done.value > written:
+                    progress.update(done.value - written)
+                    written = done.value
+                time.sleep(0.1)
+        allocation_list = []
+        for _ in processes:  # each writer sends its page allocations as it ends
+            while True:
+                _raise_writer_failure(processes, errors)
+                try:
+                    allocation_list.extend(allocations.get(timeout=0.2))
+                    break
+                except queue.Empty:
+                    continue
+        for process in processes:
+            process.join()
+        compat.writer_end(writer, allocation_list)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+        compat.writer_release(writer)
 
 
 def _report_failure(target, errors, *args) -> None:
@@ -190,6 +249,8 @@ def _raise_writer_failure(processes: list, errors) -> None:
         name, code, strerror, text = errors.get()
         if code is not None:
             raise OSError(code, strerror or text)
+        if name == "UserError":  # bad input found while decoding (a corrupt image): its own one line
+            raise UserError(text)
         raise UserError(f"an FFCV writer process failed: {name}: {text}")
     for process in processes:
         if process.exitcode not in (None, 0):
@@ -253,7 +314,7 @@ def _check_written(path: Path, split: str, count: int, data: SourceData, jpeg_qu
 
     meta = {"splits": {split: count}, "storage": "raw" if jpeg_quality is None else "jpeg",
             "has_mask": data.train_mask is not None, "shape": list(data.train_x.shape[1:]),
-            "num_classes": len(data.class_names)}
+            "num_classes": len(data.class_names), "max_side": getattr(data.train_x, "max_side", None)}
     try:
         check_beton(path, meta, split)
     except UserError as err:
@@ -262,9 +323,9 @@ def _check_written(path: Path, split: str, count: int, data: SourceData, jpeg_qu
                         f"on its file system): {str(err).split('; prepare')[0]}") from None
 
 
-def _check_space(out_dir: Path, parts: dict, num_workers: int, force: bool) -> None:
+def _check_space(out_dir: Path, parts: dict, num_workers: int, force: bool, jpeg: bool) -> None:
     """Refuse, before anything is written, a set that will not fit in the free space of --out's file system."""
-    need = sum(beton_bytes(x, m, num_workers) for x, _, m in parts.values())
+    need = sum(beton_bytes(x, m, num_workers, jpeg) for x, _, m in parts.values())
     free = free_space(out_dir)
     if free is not None and free < need:
         kept = " (with --force the old set stays until the new one is whole)" if force else ""
@@ -291,8 +352,7 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
     parts = {name: (take(data.train_x, idx), take(data.train_y, idx), take(data.train_mask, idx))
              for name, idx in splits.items()}
     parts["test"] = (data.test_x, data.test_y, data.test_mask)
-    mean, std = channel_stats(parts["train"][0])
-    _check_space(out_dir, parts, num_workers, force)
+    _check_space(out_dir, parts, num_workers, force, jpeg_quality is not None)
 
     from vpn_dist.lock import hold_directory
     from vpn_dist.observe import signals_deferred
@@ -310,12 +370,15 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                     temp_paths.append(Path(tmp))
                 print(f"writing {name}: {len(y)} images", flush=True)
                 try:
-                    write_beton(Path(tmp), x, y.astype(np.int64), m, jpeg_quality=jpeg_quality, num_workers=num_workers)
+                    sums = write_beton(Path(tmp), x, y.astype(np.int64), m, jpeg_quality=jpeg_quality,
+                                       num_workers=num_workers, desc=f"writing {name}")
                 except OSError as err:  # named by the file it was to become (the temporary one is removed below)
                     raise OSError(err.errno, err.strerror or str(err), str(out_dir / f"{name}.beton")) from None
                 _check_written(Path(tmp), name, len(y), data, jpeg_quality)
                 os.chmod(tmp, _file_mode())  # mkstemp makes 0600
                 finished[name] = Path(tmp)
+                if name == "train":
+                    mean, std = channel_stats(_stat_blocks(x, Path(tmp)), sums)
             with signals_deferred():  # the old set, or the new one: never half of each
                 written = _replace_set(out_dir, finished)
             meta = {
@@ -332,6 +395,8 @@ def write_dataset(out_dir: str | os.PathLike, data: SourceData, *, source_kind: 
                 "has_mask": data.train_mask is not None,
                 "fields": ["image", "label"] + (["mask"] if data.train_mask is not None else []),
                 "val_seed": seed,
+                # only when set: meta.json of every other set stays as before (a reproduction's data fingerprint)
+                **({"max_side": data.train_x.max_side} if getattr(data.train_x, "max_side", None) else {}),
                 **(extra_meta or {}),
             }
             with signals_deferred():

@@ -7,6 +7,8 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from vpn_dist import compat
@@ -96,7 +98,47 @@ def test_hide_ray_train_report_dumps(monkeypatch):
     assert not handler.filter(dump) and handler.filter(other)
 
 
-@pytest.mark.parametrize("name", [n for n, f in vars(compat).items()
-                                  if inspect.isfunction(f) and f.__module__ == compat.__name__])
+# The Ray section's functions each have a test of their own; the FFCV section's are named in check_ffcv's table.
+FFCV_LINE = inspect.getsource(compat).split("FFCV (pinned")[0].count("\n") + 1
+RAY_FUNCTIONS = [n for n, f in vars(compat).items() if inspect.isfunction(f) and f.__module__ == compat.__name__
+                 and inspect.getsourcelines(f)[1] < FFCV_LINE]
+
+
+@pytest.mark.parametrize("name", RAY_FUNCTIONS)
 def test_every_compat_function_has_its_test(name):
     assert f"test_{name}" in globals(), f"vpn_dist/compat.py's {name} has no test_{name} in tests/test_compat.py"
+
+
+# ---------------------------------------------------------------- FFCV
+
+def test_the_pinned_ffcv_has_every_internal_we_use():
+    problems = compat.check_ffcv()
+    assert not problems, "FFCV changed what vpn_dist/compat.py relies on:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_epoch_order_is_ffcvs_own(tmp_path, shuffle):
+    """The memory backend batches in this order; it must be the order FFCV's Loader reads, epoch by epoch."""
+    from ffcv.loader import Loader, OrderOption
+
+    from data_prep.write import SourceData, write_dataset
+
+    x = np.zeros((37, 1, 4, 4), np.uint8)
+    y = np.arange(37) % 3
+    write_dataset(tmp_path / "set", SourceData(x, y, x[:5], y[:5], ["a", "b", "c"], "none"), source_kind="test")
+    indices = np.array([1, 4, 5, 9, 10, 20, 30, 36])
+    loader = Loader(str(tmp_path / "set" / "train.beton"), batch_size=4, seed=11, indices=indices,
+                    order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL)
+    for epoch in range(3):
+        compat.set_next_epoch(loader, epoch)
+        assert compat.next_epoch(loader) == epoch
+        expected = loader.next_traversal_order()
+        got = compat.epoch_order(indices, seed=11, epoch=epoch, shuffle=shuffle, distributed=False)
+        np.testing.assert_array_equal(got, expected)
+    assert sorted(got) == sorted(indices)
+
+
+def test_fit_within_shrinks_the_long_side_only():
+    image = np.zeros((300, 120, 3), np.uint8)
+    assert compat.fit_within(image, 150).shape == (150, 60, 3)
+    assert compat.fit_within(image, 400).shape == (300, 120, 3)  # never enlarged

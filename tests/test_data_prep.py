@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_prep.sources import FASHION_MNIST_CLASSES
@@ -16,6 +17,7 @@ from source_trees import (CIFAR_NAMES, RNG, make_cifar_batches, make_fashion, ma
                           save_png, write_idx)
 from vpn_dist.cli import main
 from vpn_dist.data import Loader, read_meta
+from vpn_dist.errors import UserError
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,6 +112,10 @@ def test_imagefolder_png_round_trip_with_val_folder(tmp_path):
     assert prep("imagefolder", "--source", tmp_path / "tree", "--out", tmp_path / "out") == 0
     meta = read_meta(tmp_path / "out")
     assert meta["class_names"] == ["ant", "bee", "cat"] and meta["shape"] == [3, 12, 10]
+    # The writers sum the pixels as they decode: the statistics are the decoded train images'.
+    train = expected["train"][0] / 255
+    assert meta["mean"] == pytest.approx(list(train.mean(axis=(0, 2, 3))), abs=1e-12)
+    assert meta["std"] == pytest.approx(list(train.std(axis=(0, 2, 3))), abs=1e-9)
     for split in ("train", "test"):
         x, y = read_split(tmp_path / "out", split)
         np.testing.assert_array_equal(x, expected[split][0])
@@ -167,6 +173,59 @@ def test_jpeg_storage_reads_back_close(tmp_path):
     assert x.shape == (6, 3, 72, 72)
     np.testing.assert_array_equal(y, expected["train"][1])
     assert np.abs(x.astype(int) - expected["train"][0]).mean() < 3
+
+
+def test_max_side_keeps_each_size_within_it_and_decodes_at_a_resolution(tmp_path):
+    from vpn_dist.compat import beton_tables
+
+    sizes = {"train": [(60, 30), (20, 50), (16, 16), (80, 80)], "test": [(45, 90), (30, 20)]}
+    for split, shapes in sizes.items():
+        for i, (h, w) in enumerate(shapes):
+            yy, xx = np.mgrid[0:h, 0:w]
+            img = np.stack([yy * 200 // h, xx * 200 // w, np.full_like(yy, 60 + 40 * i)], -1).astype(np.uint8)
+            save_png(tmp_path / "tree" / split / ("a" if i % 2 else "b") / f"{i}.png", img)
+    assert prep("imagefolder", "--source", tmp_path / "tree", "--out", tmp_path / "out", "--max-side", 40) == 0
+    meta = read_meta(tmp_path / "out")
+    assert meta["storage"] == "jpeg" and meta["max_side"] == 40 and meta["jpeg_quality"] == 90
+    assert meta["shape"] == [3, 40, 40] and meta["splits"] == {"train": 4, "val": 0, "test": 2}
+    for split, shapes in sizes.items():  # stored in sorted-class order: a (odd i) before b (even i)
+        ordered = [s for i, s in enumerate(shapes) if i % 2] + [s for i, s in enumerate(shapes) if i % 2 == 0]
+        stored = beton_tables(tmp_path / "out" / f"{split}.beton").metadata["f0"]
+        for (h, w), sh, sw in zip(ordered, stored["height"], stored["width"]):
+            scale = min(1.0, 40 / max(h, w))  # shrunk to fit, never enlarged, aspect kept
+            assert (sh, sw) == (int(h * scale), int(w * scale))
+    train = Loader(tmp_path / "out", "train", batch_size=4, train=True, resolution=24)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 24, 24) and train.shape == (3, 24, 24) and sorted(y.tolist()) == [0, 0, 1, 1]
+    x, _ = next(iter(Loader(tmp_path / "out", "test", batch_size=2, train=False, resolution=24)))
+    assert x.shape == (2, 3, 24, 24)
+    with pytest.raises(UserError, match="varying size"):
+        Loader(tmp_path / "out", "train", batch_size=4, train=True)
+    with pytest.raises(UserError, match="use data.loader ffcv"):
+        Loader(tmp_path / "out", "train", batch_size=4, train=True, resolution=24, backend="memory")
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["fashion-mnist", "--max-side", "64"], "--max-side is for image trees"),
+    (["imagefolder", "--max-side", "64", "--size", "8x8"], "cannot go with --size"),
+    (["imagefolder", "--max-side", "4"], "--max-side 4 must be at least 8"),
+])
+def test_max_side_nonsense(tmp_path, capsys, args, expect):
+    make_tree(tmp_path / "tree")
+    assert prep(*args, "--source", tmp_path / "tree", "--out", tmp_path / "out") == 2
+    assert expect in capsys.readouterr().err
+    assert betons(tmp_path / "out") == []
+
+
+def test_small_sets_decode_bit_for_bit_through_both_backends(tmp_path):
+    """The paper's sets (raw storage, no resolution) read back exactly the source pixels, ffcv or memory."""
+    train_x, train_y, _, _ = make_cifar_batches(tmp_path / "src")
+    assert prep("cifar10", "--source", tmp_path / "src", "--out", tmp_path / "out") == 0
+    for backend in ("ffcv", "memory"):
+        loader = Loader(tmp_path / "out", "train", batch_size=7, train=False, backend=backend)
+        x = torch.cat([x for x, _ in loader])
+        np.testing.assert_array_equal((x * 255).round().to(torch.uint8).numpy(), train_x)
+        assert torch.equal(x, torch.from_numpy(train_x).float() / 255)
 
 
 def test_force_overwrites_and_drops_stale_splits(tmp_path):

@@ -145,7 +145,9 @@ def test_augment_flips_and_crops_image_and_mask_together(tmp_path):
     xe, _, _ = run(False, True)  # never on evaluation loaders
     assert torch.equal(xe, torch.from_numpy(x).float() / 255)
     # Each augmented image is its own image, maybe flipped, reflect-padded by 4 and cropped back.
-    order = Loader(tmp_path / "set", "train", batch_size=n, train=True, seed=0)._loader.next_traversal_order()
+    from vpn_dist.compat import epoch_order
+
+    order = epoch_order(np.arange(n), seed=0, epoch=0, shuffle=True, distributed=False)
     original = torch.from_numpy(x[order.astype(np.int64)]).float() / 255
     flips, shifts = set(), set()
     for i in range(n):
@@ -188,3 +190,67 @@ def test_cuda_pipeline(indexed):
     x, y = next(iter(loader))
     assert x.is_cuda and y.is_cuda and x.dtype == torch.float32
     assert sorted(seen(Loader(indexed, "train", batch_size=16, train=True, device="cuda"))) == list(range(N))
+
+
+# --------------------------------------------------------------------------- the memory backend
+
+def batches_of(loader):
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(train=True, seed=7),
+    dict(train=True, seed=7, drop_last=True),
+    dict(train=False),
+    dict(train=True, seed=2, indices=np.arange(0, N, 3)),
+])
+def test_memory_backend_gives_ffcvs_batches(indexed, kwargs):
+    """Same order per (seed, epoch), same last batch, same subset: switching data.loader changes only the speed."""
+    ffcv = Loader(indexed, "train", batch_size=10, **kwargs)
+    memory = Loader(indexed, "train", batch_size=10, backend="memory", **kwargs)
+    assert len(memory) == len(ffcv) and memory.num_samples == ffcv.num_samples
+    for _ in range(2):  # epochs 0 and 1
+        expected, got = batches_of(ffcv), batches_of(memory)
+        assert len(got) == len(expected)
+        for (xe, ye), (xg, yg) in zip(expected, got):
+            assert torch.equal(xg, xe) and torch.equal(yg, ye) and xg.dtype == torch.float32
+    memory.set_epoch(1)
+    ffcv.set_epoch(1)
+    assert seen(memory) == seen(ffcv)
+
+
+def test_memory_backend_augments_and_masks_like_ffcv(synthetic_dir):
+    args = dict(batch_size=64, train=True, seed=3, augment=True, with_mask=True, channels_last=True)
+    ffcv, memory = Loader(synthetic_dir, "train", **args), Loader(synthetic_dir, "train", backend="memory", **args)
+    for (xe, ye, me), (xg, yg, mg) in zip(batches_of(ffcv), batches_of(memory)):
+        assert torch.equal(xg, xe) and torch.equal(yg, ye) and torch.equal(mg, me)
+        assert xg.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_backend_and_resolution_errors(indexed):
+    with pytest.raises(UserError, match="data.loader 'disk' must be one of ffcv, memory"):
+        Loader(indexed, "train", batch_size=4, train=True, backend="disk")
+    with pytest.raises(UserError, match="is stored raw"):
+        Loader(indexed, "train", batch_size=4, train=True, resolution=32)
+
+
+@pytest.mark.integration
+def test_two_ranks_shard_the_memory_backend_as_ffcv(indexed, tmp_path):
+    torch.multiprocessing.spawn(_backend_rank_worker, args=(2, _free_port(), str(indexed), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        record = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert record["memory"] == record["ffcv"] and len(record["ffcv"][0]) == (N + 1) // 2
+
+
+def _backend_rank_worker(rank: int, world: int, port: int, data_dir: str, out_dir: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        record = {}
+        for backend in ("ffcv", "memory"):
+            loader = Loader(data_dir, "train", batch_size=8, train=True, seed=3, distributed=True, backend=backend)
+            record[backend] = [seen(loader) for _ in range(2)]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()

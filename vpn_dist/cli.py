@@ -75,6 +75,8 @@ COMMANDS = {
 }
 BENCHMARKS = {
     "loader": ("FFCV loader vs torchvision ImageFolder vs in-memory", "vpn_dist.benchmarks.loader:add_arguments:run"),
+    "scale": ("an ImageNet-shaped JPEG tree at N and 2N images: conversion speed and peak memory, .beton size, "
+              "224x224 loading, ResNet-50 steps", "vpn_dist.benchmarks.scale:add_arguments:run"),
     "ray": ("Ray Train overhead: in-process vs 1 vs 2 workers, same job",
             "vpn_dist.benchmarks.training:add_ray_arguments:run_ray"),
     "eval": ("what an evaluation pass costs: Algorithm 2 (with and without its shared first layer) and no noise",

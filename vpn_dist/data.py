@@ -1,9 +1,10 @@
-"""The FFCV loader the trainer iterates: (x, y[, mask]) batches, x float32 in [0, 1] on the device.
+"""The loader the trainer iterates: (x, y[, mask]) batches, x float32 in [0, 1] on the device.
 
 Order: train=True draws a fresh permutation per epoch from (seed, epoch) (ffcv's RANDOM order, which
 under `distributed=True` is torch's DistributedSampler with that seed and epoch, so each rank reads its
 own shard); train=False reads sequentially.  `set_epoch(e)` makes the next pass use epoch e's order,
-which is all a resumed run needs.  uint8 pixels travel to the device and become floats there.
+which is all a resumed run needs.  Both backends (ffcv, memory) give the same batches in that order;
+uint8 pixels travel to the device and become floats there.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def check_meta(meta, meta_path: Path) -> None:
         need(meta["storage"] in ("raw", "jpeg"), "storage", "'raw' or 'jpeg'")
     if "has_mask" in meta:
         need(isinstance(meta["has_mask"], bool), "has_mask", "true or false")
+    if meta.get("max_side") is not None:
+        need(_is_int(meta["max_side"]) and meta["max_side"] >= 1 and meta.get("storage") == "jpeg", "max_side",
+             "null, or an integer >= 1 with storage 'jpeg'")
     if "class_names" in meta:
         need(isinstance(meta["class_names"], list) and len(meta["class_names"]) == meta["num_classes"],
              "class_names", f"a list of num_classes ({meta['num_classes']}) names")
@@ -88,13 +92,14 @@ def check_beton(path: Path, meta: dict, split: str) -> None:
     """One .beton against meta.json: header, fields, sample count, label range, image and mask shapes, and that
     every pointer stays inside the file. Reads the header and the metadata table only (a few bytes per image)."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.reader import Reader
+
+    from vpn_dist.compat import beton_tables
 
     if not path.is_file():
         raise UserError(f"{path} is missing" + (" (a directory is in its place)" if path.is_dir() else ""))
     redo = "prepare the data again with `vpn-dist prep ... --force`"
     try:
-        reader = Reader(str(path))
+        reader = beton_tables(path)
     except Exception as err:  # noqa: BLE001 - ffcv raises whatever a damaged header makes it raise
         raise UserError(f"{path}: not a readable .beton ({type(err).__name__}: {err}); {redo}") from None
     file_size = path.stat().st_size
@@ -123,13 +128,19 @@ def check_beton(path: Path, meta: dict, split: str) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= meta["num_classes"]):
         raise UserError(f"{path}: labels {int(labels.min())}..{int(labels.max())} are out of range for "
                         f"num_classes {meta['num_classes']} in meta.json; {redo}")
-    table, data_end = reader.alloc_table, int(reader.header["alloc_table_ptr"])
+    table, data_end = reader.alloc_table, reader.data_end
     sizes = {"image": c * h * w, "mask": h * w}
     pointers = []
     for name in ("image", "mask") if has_mask else ("image",):
         column = reader.metadata[columns[name]]
         if name == "image" and storage == "jpeg":
-            if len(column) and (np.any(column["height"] != h) or np.any(column["width"] != w)):
+            heights, widths = column["height"].astype(np.int64), column["width"].astype(np.int64)
+            if meta.get("max_side") is not None:
+                if len(column) and (heights.min() < 1 or widths.min() < 1
+                                    or max(heights.max(), widths.max()) > meta["max_side"]):
+                    raise UserError(f"{path}: JPEG images are not within {meta['max_side']} pixels a side as "
+                                    f"meta.json says; {redo}")
+            elif len(column) and (np.any(heights != h) or np.any(widths != w)):
                 raise UserError(f"{path}: JPEG images are not {h}x{w} as meta.json says; {redo}")
             column = column["data_ptr"]
         elif name == "mask" and getattr(reader.handlers["mask"], "shape", None) != (1, h, w):
@@ -165,72 +176,165 @@ def keep_torch_threads():
         torch.set_num_threads(threads)
 
 
+BACKENDS = ("ffcv", "memory")
+CENTER_CROP_RATIO = 224 / 256  # evaluation's centre crop: the crop side over the short side, as FFCV's ImageNet example
+
+
+def input_shape(meta: dict, resolution: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the batches a Loader yields: the stored shape, or resolution x resolution when decoding crops."""
+    c, h, w = meta["shape"]
+    return (c, h, w) if resolution is None else (c, resolution, resolution)
+
+
 class Loader:
-    """Wraps `ffcv.loader.Loader` over `<data_dir>/<split>.beton`."""
+    """Batches of `<data_dir>/<split>.beton`, one of two ways (`backend`):
+
+    ffcv: FFCV's loader decodes each batch as it is read, in threads; any size of set, and with `resolution` (JPEG
+    sets) training crops at random and flips while decoding, evaluation takes the centre crop.
+    memory: the split decoded once into uint8 tensors (on the device), batches gathered by index, as airbench does:
+    the fastest path for sets that fit in memory, with the same batches as ffcv (same order, shards, last batch).
+    """
 
     def __init__(self, data_dir, split, *, batch_size, train: bool, device="cpu", seed=0, distributed=False,
                  num_workers=2, os_cache=True, channels_last=False, augment=False, with_mask=False,
-                 drop_last=False, indices=None):
-        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
-        from ffcv.loader import Loader as FFCVLoader, OrderOption
-        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-
+                 drop_last=False, indices=None, backend="ffcv", resolution=None):
         self.meta = read_meta(data_dir, split)
         if with_mask and not self.meta.get("has_mask"):
             raise UserError(f"{data_dir} has no masks (has_mask is false); only synthetic sets do")
         if batch_size < 1:
             raise UserError(f"batch size {batch_size} must be at least 1")
+        if backend not in BACKENDS:
+            raise UserError(f"data.loader {backend!r} must be one of {', '.join(BACKENDS)}")
+        _check_resolution(self.meta, data_dir, backend, resolution)
         if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise RuntimeError("Loader(distributed=True) needs an initialised torch.distributed process group")
         self.device = torch.device(device)
-        self.train, self.seed = train, seed
-        self.channels_last, self.augment, self.with_mask = channels_last, augment and train, with_mask
+        self.train, self.seed, self.batch_size, self.drop_last = train, seed, batch_size, drop_last
+        self.channels_last, self.with_mask = channels_last, with_mask
+        self.augment = augment and train and resolution is None  # with a resolution, the decoder crops and flips
         self.rank = torch.distributed.get_rank() if distributed else 0
-
-        to_device = [] if self.device.type == "cpu" else [ToDevice(self.device, non_blocking=True)]
-        if self.meta["storage"] == "jpeg":
-            image = [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
+        self.shape = input_shape(self.meta, resolution)
+        self.next_epoch = 0
+        path = str(Path(data_dir) / f"{split}.beton")
+        if backend == "ffcv":
+            self._ffcv = self._ffcv_loader(path, train, num_workers, os_cache, distributed, indices, resolution,
+                                           to_device=self.device.type != "cpu")
+            order_length = len(self._ffcv.first_traversal_order)
         else:
+            self._ffcv = None
+            self._tensors = self._read_all(path, num_workers, os_cache)
+            self._indices = np.arange(self.meta["splits"][split]) if indices is None else np.asarray(indices)
+            self._distributed = distributed
+            order_length = len(self._order(0))
+        self._batches = order_length // batch_size if drop_last else -(-order_length // batch_size)
+        self.num_samples = min(order_length, self._batches * batch_size)
+
+    def _ffcv_loader(self, path, train, num_workers, os_cache, distributed, indices, resolution, *, to_device,
+                     sequential=False, batch_size=None):
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,
+                                          RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
+        from ffcv.loader import Loader as FFCVLoader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+        device = [ToDevice(self.device, non_blocking=True)] if to_device else []
+        if self.meta["storage"] == "raw":
             image = [NDArrayDecoder(), ToTensor()]
-        pipelines = {"image": image + to_device, "label": [IntDecoder(), ToTensor()] + to_device}
+        elif resolution is None:
+            image = [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage(channels_last=False)]
+        elif train:
+            image = [RandomResizedCropRGBImageDecoder((resolution, resolution)), RandomHorizontalFlip(), ToTensor(),
+                     ToTorchImage(channels_last=False)]
+        else:
+            image = [CenterCropRGBImageDecoder((resolution, resolution), ratio=CENTER_CROP_RATIO), ToTensor(),
+                     ToTorchImage(channels_last=False)]
+        pipelines = {"image": image + device, "label": [IntDecoder(), ToTensor()] + device}
         if self.meta.get("has_mask"):  # None disables the field: no decoding when the trainer doesn't ask
-            pipelines["mask"] = [NDArrayDecoder(), ToTensor()] + to_device if with_mask else None
+            pipelines["mask"] = [NDArrayDecoder(), ToTensor()] + device if self.with_mask else None
         with keep_torch_threads():
-            self._loader = FFCVLoader(
-                str(Path(data_dir) / f"{split}.beton"), batch_size=batch_size, num_workers=num_workers,
-                os_cache=os_cache, order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-                distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
-                indices=None if indices is None else np.asarray(indices))
-        order = len(self._loader.first_traversal_order)
-        self.num_samples = min(order, len(self._loader) * batch_size)
+            return FFCVLoader(path, batch_size=batch_size or self.batch_size, num_workers=num_workers,
+                              os_cache=os_cache, distributed=distributed, seed=self.seed, pipelines=pipelines,
+                              order=OrderOption.RANDOM if train and not sequential else OrderOption.SEQUENTIAL,
+                              drop_last=self.drop_last and not sequential,
+                              indices=None if indices is None else np.asarray(indices))
+
+    def _read_all(self, path, num_workers, os_cache) -> list[torch.Tensor]:
+        """The memory backend's tensors: every image (uint8), label and mask of the split, on the device."""
+        n = self.meta["splits"][Path(path).stem]
+        whole = None
+        loader = self._ffcv_loader(path, False, num_workers, os_cache, False, None, None, to_device=False,
+                                   sequential=True, batch_size=1024)
+        start = 0
+        with keep_torch_threads():
+            for batch in loader:
+                batch = [batch[0], batch[1].reshape(-1).to(torch.int64)] + ([batch[2]] if self.with_mask else [])
+                if whole is None:
+                    whole = [torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype) for t in batch]
+                for into, t in zip(whole, batch):
+                    into[start:start + len(t)] = t  # ffcv reuses its buffers: copy out
+                start += len(batch[0])
+        return [t.to(self.device) for t in whole]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        from vpn_dist.compat import epoch_order
+
+        return epoch_order(self._indices, seed=self.seed, epoch=epoch, shuffle=self.train,
+                           distributed=self._distributed)
+
+    def _uint8_batches(self, epoch: int):
+        """(x uint8, y int64, mask uint8 or None) per batch of `epoch`, from either backend."""
+        if self._ffcv is not None:
+            from vpn_dist.compat import set_next_epoch
+
+            set_next_epoch(self._ffcv, epoch)
+            with keep_torch_threads():
+                epoch_iter = iter(self._ffcv)
+            try:
+                for batch in epoch_iter:
+                    yield batch[0], batch[1].reshape(-1).to(torch.int64, copy=True), \
+                        batch[2] if self.with_mask else None
+            finally:  # a loop that breaks early stops ffcv's prefetch thread now, not at garbage collection
+                epoch_iter.close()
+            return
+        order = torch.from_numpy(self._order(epoch)[:self.num_samples].astype(np.int64)).to(self.device)
+        for rows in order.split(self.batch_size):
+            yield tuple(t[rows] for t in self._tensors) + ((None,) if not self.with_mask else ())
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return self._batches
 
     def set_epoch(self, epoch: int) -> None:
-        self._loader.next_epoch = epoch
+        self.next_epoch = epoch
 
     def __iter__(self):
-        epoch = self._loader.next_epoch
+        epoch = self.next_epoch
+        self.next_epoch += 1
         gen = None
         if self.augment:
             gen = torch.Generator(device=self.device)
             gen.manual_seed((self.seed * 1_000_003 + epoch * 1_009 + self.rank) % (1 << 62))
-        with keep_torch_threads():
-            epoch_iter = iter(self._loader)
-        try:
-            for batch in epoch_iter:
-                # ffcv reuses its batch buffers: every yielded tensor is a fresh one.
-                x = batch[0].to(torch.float32).div_(255)
-                y = batch[1].reshape(-1).to(torch.int64, copy=True)
-                mask = batch[2].to(torch.float32) if self.with_mask else None
-                if gen is not None:
-                    x, mask = flip_and_crop(x, mask, gen)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield (x, y) if mask is None else (x, y, mask)
-        finally:  # a loop that breaks early stops ffcv's prefetch thread now, not at garbage collection
-            epoch_iter.close()
+        for x, y, mask in self._uint8_batches(epoch):
+            x = x.to(torch.float32).div_(255)  # ffcv reuses its batch buffers: this is a fresh tensor
+            mask = mask.to(torch.float32) if mask is not None else None
+            if gen is not None:
+                x, mask = flip_and_crop(x, mask, gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield (x, y) if mask is None else (x, y, mask)
+
+
+def _check_resolution(meta: dict, data_dir, backend: str, resolution: int | None) -> None:
+    if resolution is not None:
+        if not isinstance(resolution, int) or resolution < 8:
+            raise UserError(f"data.resolution {resolution!r} must be an integer >= 8, or null")
+        if meta["storage"] != "jpeg":
+            raise UserError(f"data.resolution crops and resizes JPEG images while decoding; {data_dir} is stored raw "
+                            f"(leave data.resolution null, or prepare with --jpeg-quality or --max-side)")
+        if backend == "memory":
+            raise UserError("data.resolution decodes a new crop each pass; data.loader memory keeps images decoded "
+                            "once: use data.loader ffcv")
+    elif meta.get("max_side") is not None:
+        raise UserError(f"{data_dir} holds images of varying size (prepared with --max-side): set data.resolution "
+                        f"(e.g. 224)")
 
 
 def flip_and_crop(x, mask, gen, pad: int = 4):

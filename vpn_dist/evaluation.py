@@ -45,7 +45,7 @@ def eval_loaders(cfg, meta: dict[str, Any], device: torch.device, images: int = 
         loaders[split] = Loader(cfg.data.path, split, batch_size=cfg.train.eval_batch_size, train=False,
                                 device=device, num_workers=cfg.data.num_workers, os_cache=cfg.data.os_cache,
                                 channels_last=cfg.train.channels_last, with_mask=bool(meta.get("has_mask")),
-                                indices=indices)
+                                indices=indices, backend=cfg.data.loader, resolution=cfg.data.resolution)
     return loaders
 
 

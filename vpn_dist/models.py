@@ -139,8 +139,11 @@ def build_generator(name: str, shape: tuple[int, int, int], init_std: float | st
 
 def build_models(cfg, meta: dict, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
     """A run's base model and generator (None without one) for data of `meta`'s shape and classes, on `device` in
-    the configured memory format. `cfg` is a RunConfig (vpn_dist.config builds on this module)."""
-    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+    the configured memory format (at `data.resolution` when the loader decodes crops of that side). `cfg` is a
+    RunConfig."""
+    c, h, w = meta["shape"]
+    resolution, num_classes = cfg.data.resolution, meta["num_classes"]
+    shape = (c, h, w) if resolution is None else (c, resolution, resolution)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     base = build_base(cfg.model.base, shape, num_classes).to(device, memory_format=memory_format)
     generator = None

@@ -323,7 +323,8 @@ def setup_training(cfg: RunConfig, using_ray: bool, invocation: str | None) -> T
                      scaler=scaler, autocast=autocast_for(cfg.train.amp, device), skipped=scaler_skipped)
 
     loader_args = dict(device=device, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                       os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last)
+                       os_cache=cfg.data.os_cache, channels_last=cfg.train.channels_last,
+                       backend=cfg.data.loader, resolution=cfg.data.resolution)
     train_batches = Loader(cfg.data.path, "train", batch_size=cfg.train.batch_size, train=True,
                            distributed=replica.world_size > 1, augment=cfg.data.augment, **loader_args)
     epoch_eval, final_eval = ({}, {}) if replica.rank != 0 else (

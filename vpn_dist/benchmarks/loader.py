@@ -1,4 +1,5 @@
-"""`vpn-dist bench loader`: warm images/s of the training Loader vs torchvision ImageFolder vs in-memory.
+"""`vpn-dist bench loader`: warm images/s of the training Loader's two backends (ffcv, memory) vs torchvision
+ImageFolder vs a per-sample TensorDataset + DataLoader.
 
 Each contender delivers what the training step consumes: float32 (B, C, H, W) in [0, 1] plus int64
 labels, shuffled, same batch size.  One warm-up pass, then the median of `--passes` timed passes of
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=0,
                         help="batches per timed pass (default 0: one epoch of the split)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes (the median is reported)")
+    parser.add_argument("--device", default="cpu", help="where batches land (the memory backend keeps the set there)")
 
 
 def _one_pass(loader, n_batches: int) -> tuple[int, float]:
@@ -61,9 +63,13 @@ def run(args) -> int:
         raise UserError("--batch-size and --passes must be >= 1, --batches and --workers >= 0")
     meta = read_meta(args.data, args.split)
     rows = []
-    ffcv = Loader(args.data, args.split, batch_size=args.batch_size, train=True, num_workers=max(args.workers, 1))
+    ffcv = Loader(args.data, args.split, batch_size=args.batch_size, train=True, num_workers=max(args.workers, 1),
+                  device=args.device)
     args.batches = args.batches or len(ffcv)
-    rows.append(("ffcv Loader (vpn_dist.data)", args.workers, measure(ffcv, args.batches, args.passes)))
+    rows.append(("Loader, data.loader=ffcv", args.workers, measure(ffcv, args.batches, args.passes)))
+    memory = Loader(args.data, args.split, batch_size=args.batch_size, train=True, device=args.device,
+                    backend="memory")
+    rows.append(("Loader, data.loader=memory", 0, measure(memory, args.batches, args.passes)))
 
     if args.imagefolder is not None:
         from torchvision import datasets, transforms
@@ -78,14 +84,14 @@ def run(args) -> int:
                         persistent_workers=args.workers > 0)
         rows.append(("torchvision ImageFolder + DataLoader", args.workers, measure(dl, args.batches, args.passes)))
 
-    # In memory: the whole split as one float tensor (read once through the sequential loader).
+    # Per sample: the whole split as one float tensor, batches collated sample by sample.
     xs, ys = [], []
     for x, y in Loader(args.data, args.split, batch_size=1024, train=False, num_workers=max(args.workers, 1)):
         xs.append(x)
         ys.append(y)
-    memory = DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=args.batch_size, shuffle=True,
-                        num_workers=0)
-    rows.append(("in-memory TensorDataset + DataLoader", 0, measure(memory, args.batches, args.passes)))
+    per_sample = DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=args.batch_size, shuffle=True,
+                            num_workers=0)
+    rows.append(("TensorDataset + DataLoader", 0, measure(per_sample, args.batches, args.passes)))
 
     print(f"\n{args.data}/{args.split}.beton: {meta['splits'][args.split]} images {meta['shape']}, "
           f"batch {args.batch_size}, {args.batches} batches x {args.passes} passes (median), "

@@ -34,8 +34,8 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
 SHARED_SETTINGS = ("train.epochs", "train.batch_size", "train.amp", "train.epoch_eval_images", "train.eval_every",
                    "model.base", "data.augment")
 # Keys of a run config that do not change its results: where it runs and what it keeps
-NOT_RESULTS = ("out", "data.path", "data.num_workers", "data.os_cache", "dist", "train.device", "train.log_every",
-               "train.figure_every", "train.keep_checkpoints", "train.max_failures", "train.fault")
+NOT_RESULTS = ("out", "data.path", "data.num_workers", "data.os_cache", "data.loader", "dist", "train.device",
+               "train.log_every", "train.figure_every", "train.keep_checkpoints", "train.max_failures", "train.fault")
 
 
 @dataclass
@@ -231,7 +231,8 @@ def config_id(cfg: RunConfig, data_label: str) -> str:
     """What decides a run's result (not where it runs or what it keeps): a row with another id is never taken as
     this run's, and the run's directory carries it, so a changed spec never resumes another config's checkpoint."""
     values = _flatten(cfg.to_dict())
-    kept = {k: v for k, v in values.items() if not any(k == n or k.startswith(f"{n}.") for n in NOT_RESULTS)}
+    kept = {k: v for k, v in values.items() if not any(k == n or k.startswith(f"{n}.") for n in NOT_RESULTS)
+            and not (k == "data.resolution" and v is None)}  # configs from before the key keep their ids
     kept["data"] = data_label
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
