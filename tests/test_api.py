@@ -29,8 +29,6 @@ def test_no_public_name_is_also_a_submodule():
     assert not submodules & set(vpn_dist.__all__), submodules & set(vpn_dist.__all__)
 
 
-@pytest.mark.xfail(strict=True, reason="vpn_dist/__init__ imports launch eagerly until the package's lazy imports "
-                                       "land (branch compat): drop this mark when they do")
 def test_the_sweep_report_imports_neither_the_trainer_nor_ray():
     code = ("import sys, vpn_dist.sweep.report\n"
             "loaded = {'vpn_dist.trainer', 'vpn_dist.launch', 'ray'} & set(sys.modules)\n"
