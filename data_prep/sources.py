@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import multiprocessing
 import os
 import pickle
 import tarfile
@@ -232,34 +231,17 @@ def to_uint8(im: Image.Image) -> tuple[np.ndarray | None, str | None]:
     return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB")), None
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C reaches every process of the terminal's group: the parent stops the pool; its workers need not each
-    print a KeyboardInterrupt traceback."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def scan_images(paths: list[Path], workers: int, desc: str) -> list[tuple]:
-    """_scan every file in a fork pool (inline for a few), with a progress bar; UserError on the first bad one.
-    Reads headers only: what decoding finds wrong (a truncated file) stops the writer instead."""
-    names = [str(p) for p in paths]
-    if workers > 1 and len(names) > 256:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
-        results = pool.imap(_scan, names, chunksize=256)
-    else:
-        pool, results = None, map(_scan, names)
+    """_scan every file, with a progress bar; UserError on the first bad one. Reads headers only: what decoding
+    finds wrong (a truncated file) stops the writer instead. In this process: a pool forked from a process whose
+    other threads (numba's, OpenMP's) hold a lock deadlocks on it, and reading headers is quick."""
+    del workers  # (the writer's processes decode in parallel)
     found = []
-    try:
-        for name, (digest, size, gray, nbytes) in tqdm(zip(names, results), total=len(names), desc=desc,
-                                                       unit="img", mininterval=1.0, disable=len(names) < 1000):
-            if digest is None:
-                raise UserError(f"{name}: {size}")
-            found.append((digest, size, gray, nbytes))
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    for name in tqdm([str(p) for p in paths], desc=desc, unit="img", mininterval=1.0, disable=len(paths) < 1000):
+        digest, size, gray, nbytes = _scan(name)
+        if digest is None:
+            raise UserError(f"{name}: {size}")
+        found.append((digest, size, gray, nbytes))
     return found
 
 
