@@ -204,8 +204,12 @@ def _scan(path: str):
         with Image.open(io.BytesIO(blob)) as im:
             width, height = im.size
             gray = im.mode in GRAY_MODES or im.mode.startswith("I;16") or im.mode in ("I", "F")
+            # 32-bit and float pixels may lie outside what converts: decode those (rare) now, before writing starts
+            error = to_uint8(im)[1] if im.mode in ("I", "F") else None
     except Exception as err:  # noqa: BLE001
         return None, f"not a readable image ({type(err).__name__}: {err})", None, None
+    if error:
+        return None, error, None, None
     return hashlib.sha256(blob).digest(), (height, width), gray, len(blob)
 
 
