@@ -27,6 +27,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+LOADERS = ("ffcv", "memory")
 
 
 def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
@@ -50,7 +51,8 @@ class DataConfig:
     os_cache: bool = setting(True, "FFCV page-cache mode")
     augment: bool = setting(False, "flip/crop augmentation; off, as in the paper")
     loader: str = setting("ffcv", "ffcv (decodes each pass; any size), or memory (the set decoded once into uint8 "
-                                  "tensors on the device, batches by index: the same batches, faster for sets that fit)")
+                                  "tensors on the device, batches by index: the same batches, faster for sets that fit)",
+                          choices=LOADERS)
     resolution: int | None = setting(None, "JPEG sets: train on FFCV's random-resized crops + flips and evaluate on "
                                            "centre crops of this side, made while decoding; null: the stored size")
 
@@ -390,7 +392,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if v.mode == "generator-only":
         need(bool(t.init_from), "train.init_from", "the run dir of a trained base model (--init-from RUN_DIR)", t.init_from)
     need(1 <= cfg.data.num_workers <= 1024, "data.num_workers", "an integer in 1..1024", cfg.data.num_workers)
-    need(cfg.data.loader in ("ffcv", "memory"), "data.loader", "ffcv or memory", cfg.data.loader)
     need(cfg.data.resolution is None or 8 <= cfg.data.resolution <= 4096, "data.resolution",
          "an integer in 8..4096, or null (the stored size)", cfg.data.resolution)
     need(0 <= d.workers <= 4096, "dist.workers", "an integer in 0..4096 (0 runs in this process)", d.workers)

@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from vpn_dist.config import choices_of
 from vpn_dist.errors import UserError
 
 CONV_OPS = ("convolution",)  # aten.convolution and aten.convolution_backward; every other counted op is a matmul
@@ -31,14 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", default="1x28x28", help="CxHxW (default 1x28x28, Fashion-MNIST; 3x32x32: CIFAR-10)")
     p.add_argument("--classes", type=int, default=10, help="K (default 10)")
     p.add_argument("--base", default="dnn3")
-    p.add_argument("--generator", default="dnn3", help="dnn3, resnet18 or none")
+    p.add_argument("--generator", default="dnn3", choices=choices_of("model.generator"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-batch-size", type=int, default=512)
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="auto", choices=choices_of("train.amp"))
+    p.add_argument("--device", default="auto", choices=choices_of("train.device"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    p.add_argument("--optimizer", default="sgd", choices=choices_of("train.optimizer"))
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
 
 

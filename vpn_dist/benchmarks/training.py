@@ -14,16 +14,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vpn_dist.config import RunConfig, from_dict, preset
+from vpn_dist.config import RunConfig, choices_of, from_dict, preset
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a `vpn-dist prep` directory (default: a synthetic set made for the run)")
     p.add_argument("--base", default="dnn3")
-    p.add_argument("--generator", default="dnn3")
+    p.add_argument("--generator", default="dnn3", choices=choices_of("model.generator"))
     p.add_argument("--epochs", type=int, default=4, help="timed epochs + 1 warm-up (default 4)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch: split across workers")
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--amp", default="off", choices=choices_of("train.amp"))
     p.add_argument("--channels-last", action="store_true")
 
 
