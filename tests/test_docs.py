@@ -140,3 +140,45 @@ def test_benchmark_summary_commands_parse():
     assert len(commands) >= 8, commands
     for what, argv in commands:
         check_vpn_command(argv, where=f"docs/benchmarks.md summary, {what}")
+
+
+def _statistics_rows(report: Path) -> list[dict[str, str]]:
+    """The Statistics table of a reproduction report, one dict per row, keyed by its header."""
+    lines = report.read_text().split("## Statistics", 1)[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def test_readme_verdict_table_is_the_reports():
+    """Each row of README's "Does VPN reproduce?" table is the Statistics rows of the reports it links: the claim's
+    table, bases and rule pick the rows; the paper's gains, the interval (or the range of the differences) and the
+    verdict must be theirs."""
+    section = README.read_text().split("## Does VPN reproduce?", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| Table")]
+    assert len(table) >= 8, table
+    number = lambda text: float(text.replace("−", "-"))  # noqa: E731
+    for line in table:
+        claim, where, ours, verdict = (c.strip() for c in line.strip("|").split("|"))
+        found = re.fullmatch(r"Table (\d), (DNN3 and SR|DNN3|SR)(, no noise)?: ([-+−0-9., ]+)", claim)
+        assert found, f"README verdict row {claim!r}: write it as 'Table N, BASES[, no noise]: +GAIN, ...'"
+        bases = {"DNN3 and SR": {"dnn3", "sr"}, "DNN3": {"dnn3"}, "SR": {"sr"}}[found[2]]
+        rule = "dnn3 (no noise)" if found[3] else "dnn3"
+        reports = [REPO / target for target in re.findall(r"\]\(([^)]+/report\.md)\)", where)]
+        assert reports, f"README verdict row {claim!r} links no report"
+        rows = [r for report in reports for r in _statistics_rows(report)
+                if r["table"] == found[1] and r["base"] in bases and r["row"] == rule]
+        assert rows, f"README verdict row {claim!r}: no such rows in {reports}"
+        assert {number(g) for g in found[4].split(",")} == {number(r["paper's gain"]) for r in rows}, line
+        assert {verdict} == {r["verdict"] for r in rows}, line
+        differences = [r["Δ baseline [95% CI] (n)"] for r in rows]
+        if " to " in ours:  # a range over several rows: their smallest and largest difference
+            low, high = (number(v) for v in ours.split(" to "))
+            means = [number(d.split(" ")[0]) for d in differences]
+            assert (low, high) == (min(means), max(means)), line
+        else:
+            assert len(rows) == 1 and ours.replace("−", "-") == differences[0].rsplit(" (", 1)[0], line
