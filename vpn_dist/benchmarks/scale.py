@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -56,14 +57,25 @@ def _one_jpeg(job) -> int:
     return Path(path).stat().st_size
 
 
-def generate_tree(root: Path, train_images: int, *, classes: int = 100, seed: int = 0, workers: int = 2) -> int:
+def generate_tree(root: Path, train_images: int, *, classes: int = 100, seed: int = 0, workers: int = 2,
+                  reuse: Path | None = None) -> int:
     """An ImageFolder (train/ and test/, `classes` folders) of generated JPEGs; returns the bytes written. Image i
-    depends only on (seed, split, i), so the 2N tree extends the N one."""
+    depends only on (seed, split, i), so the 2N tree extends the N one: the files `reuse` (a smaller tree of the
+    same seed) already has are hard-linked from it instead of drawn again."""
     jobs = []
     for split, count, stream in (("train", train_images, 0), ("test", max(classes, train_images // 10), 1)):
         for i in range(count):
             jobs.append((str(root / split / f"c{i % classes:03d}" / f"{i:07d}.jpg"), [seed, stream, i]))
-    todo = [job for job in jobs if not Path(job[0]).exists()]
+    todo = []
+    for path, job_seed in jobs:
+        if Path(path).exists():
+            continue
+        earlier = None if reuse is None else reuse / Path(path).relative_to(root)
+        if earlier is not None and earlier.exists():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            os.link(earlier, path)
+        else:
+            todo.append((path, job_seed))
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(_one_jpeg, todo, chunksize=16)
     return sum(Path(path).stat().st_size for path, _ in jobs)
@@ -161,8 +173,6 @@ def resnet50_rate(data: Path, *, resolution: int, batch_size: int, workers: int,
 
 
 def run(args) -> int:
-    import os
-
     import torch
 
     if args.images < args.classes or min(args.steps, args.batch_size, args.max_side, args.resolution) < 1:
@@ -172,7 +182,8 @@ def run(args) -> int:
     for n in (args.images, 2 * args.images):
         tree, out = args.work / f"tree{n}", args.work / f"beton{n}"
         print(f"generating {tree} ({n} train images)...", flush=True)
-        source_bytes = generate_tree(tree, n, classes=args.classes, workers=workers)
+        source_bytes = generate_tree(tree, n, classes=args.classes, workers=workers,
+                                     reuse=args.work / f"tree{args.images}" if n > args.images else None)
         print(f"converting {n}...", flush=True)
         rows[n] = dict(convert(tree, out, max_side=args.max_side, workers=args.workers), source_bytes=source_bytes)
     small, large = rows[args.images], rows[2 * args.images]
