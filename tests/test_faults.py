@@ -92,9 +92,15 @@ def shared_memory() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")} if Path("/dev/shm").is_dir() else set()
 
 
+# A process started in the background by a non-interactive shell inherits SIGINT ignored, and Python then leaves it
+# ignored: the child gets Ctrl-C's handler back, as when started from a terminal, whoever started the tests.
+AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+CLI_MAIN = "import sys; from vpn_dist.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
 def vpn_dist_process(*args: str, env: dict | None = None, script: str | None = None) -> subprocess.Popen:
     """`vpn-dist ARGS` (or a script ending in main(sys.argv[1:])) in a session of its own, output in pipes."""
-    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "vpn_dist.cli", *args]
+    command = [sys.executable, "-c", AS_FROM_A_TERMINAL + (script or CLI_MAIN), *args]
     return subprocess.Popen(command, cwd=REPO, env=env or os.environ.copy(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
