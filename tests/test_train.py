@@ -343,3 +343,16 @@ def test_the_train_step_is_algorithm_1_written_out(mode):
             for (name, a), b in zip(trained.state_dict().items(), by_hand.state_dict().values()):
                 assert torch.equal(a, b), name
     assert step.skipped == 0 and step.draws == (2 if mode == "joint" else 1)
+
+
+def test_figure_4_shows_one_image_of_each_class_first():
+    """A test batch stored class by class (CIFAR-10's files, a sorted ImageFolder) must not give Figure 4 one class."""
+    import torch
+
+    from vpn_dist.trainer import FIGURE_IMAGES, figure_picks
+
+    by_class = torch.tensor([3] * 50 + [7] * 50 + [1] * 50)
+    picks = figure_picks(by_class).tolist()
+    assert len(picks) == FIGURE_IMAGES and picks[:3] == [0, 50, 100]
+    assert sorted(by_class[picks].unique().tolist()) == [1, 3, 7]
+    assert figure_picks(torch.tensor([2, 2])).tolist() == [0, 1]  # fewer images than panels: all of them

@@ -496,12 +496,22 @@ def device_name(device: torch.device) -> str:
 
 
 def _figure_inputs(generator: nn.Module, x: torch.Tensor, y: torch.Tensor, gamma: float, bound: str, C: float | None):
-    x, y = x[:FIGURE_IMAGES], y[:FIGURE_IMAGES]
+    picks = figure_picks(y).to(y.device)
+    x, y = x[picks], y[picks]
     with torch.no_grad():
         was_training = generator.training
         sigma = generate_sigma(generator.eval(), x, y, gamma, bound, C)
         generator.train(was_training)
     return x, sample_noise(sigma, 1), sigma
+
+
+def figure_picks(y: torch.Tensor) -> torch.Tensor:
+    """Figure 4's images from a batch: the first of each class, in batch order, then the next ones, FIGURE_IMAGES in
+    all (a test set stored class by class would otherwise show one class)."""
+    labels = y.tolist()
+    firsts = [labels.index(label) for label in dict.fromkeys(labels)]  # dict: the classes in order of appearance
+    shown = set(firsts)
+    return torch.tensor((firsts + [i for i in range(len(labels)) if i not in shown])[:FIGURE_IMAGES], dtype=torch.long)
 
 
 def run_metrics(cfg: RunConfig, history: list[dict[str, Any]], run_dir: RunDir) -> dict[str, Any]:
