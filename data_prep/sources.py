@@ -194,7 +194,8 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def _scan(path: str):
-    """Hash one file and read its image header: (digest, (H, W), gray, bytes) or (None, why, None, None)."""
+    """Hash one file and read its image header (decoding a 32-bit or float one, to check its range): (digest, (H, W),
+    gray, bytes) or (None, why, None, None)."""
     try:
         with open(path, "rb") as fh:
             blob = fh.read()
@@ -236,8 +237,8 @@ def to_uint8(im: Image.Image) -> tuple[np.ndarray | None, str | None]:
 
 
 def scan_images(paths: list[Path], workers: int, desc: str) -> list[tuple]:
-    """_scan every file, with a progress bar; UserError on the first bad one. Reads headers only: what decoding
-    finds wrong (a truncated file) stops the writer instead. In this process: a pool forked from a process whose
+    """_scan every file, with a progress bar; UserError on the first bad one. Reads headers (and decodes only the
+    rare 32-bit and float images): what decoding finds wrong in the others (a truncated file) stops the writer. In this process: a pool forked from a process whose
     other threads (numba's, OpenMP's) hold a lock deadlocks on it, and reading headers is quick."""
     del workers  # (the writer's processes decode in parallel)
     found = []
