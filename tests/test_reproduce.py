@@ -242,6 +242,16 @@ def test_figure2_shows_the_baseline_beside_joint_runs_and_the_full_test_point_ap
     assert (tmp_path / "figure2_fashion-mnist.png") in written
 
 
+def test_ids_of_hex_digits_read_back_as_text(tmp_path):
+    """A config id or plan fingerprint that happens to be all digits (or digits around an e) is an id, not a number:
+    read back as one, a finished trial's row would no longer match its config, and its trial would train again."""
+    from vpn_dist.reproduce.report import read_csv, write_csv
+
+    rows = [{"config_id": "5804269877", "plan": "0123e4567890", "seed": "7"}]
+    write_csv(tmp_path / "rows.csv", rows, ("config_id", "plan", "seed"))
+    assert read_csv(tmp_path / "rows.csv") == [{"config_id": "5804269877", "plan": "0123e4567890", "seed": 7}]
+
+
 def test_the_committed_grids_keep_their_plan_fingerprints_and_name_no_machine_path():
     """Rows of another plan are never taken as finished: the fingerprint of every committed grid must not move."""
     from vpn_dist.reproduce.report import read_csv

@@ -186,7 +186,7 @@ def test_cpu_training_flushes_subnormal_floats_in_its_own_thread(synthetic_dir, 
     products = []
 
     def training_thread():
-        setup_training(cfg, using_ray=False, invocation=None)
+        setup_training(cfg, reports_to="run_dir", invocation=None)
         # 4M entries: the product runs on every thread of this thread's OpenMP team, each must flush
         products.append(int(((torch.full((1 << 22,), 1e-39) * 2) != 0).sum()))
 

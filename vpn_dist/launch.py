@@ -26,13 +26,14 @@ from vpn_dist.trainer import (autocast_for, check_batch_size, check_resumable, p
                               trained_base)
 
 
-def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = None,
+def train(cfg: RunConfig, resume: bool = False, in_tune_trial: bool = False,
           verbose: bool = False) -> dict[str, Any]:
     """Run one training job to completion and return its final metrics (what metrics.json holds).
 
-    `ray_callbacks` go to Ray Train's RunConfig (Tune passes its TuneReportCallback). `verbose` shows Ray Train's
-    own INFO lines on the console (a report dump per rank and epoch, checkpoint notices); Ray's log files keep
-    them either way.
+    Where it trains: in this process with `dist.workers` 0, or 1 inside a Ray Tune trial (`in_tune_trial`: the trial
+    reserved the worker's resources, and each epoch reaches Tune); otherwise on `dist.workers` Ray Train workers
+    (inside a trial, their reports reach Tune). `verbose` shows Ray Train's own INFO lines on the console (a report
+    dump per rank and epoch, checkpoint notices); Ray's log files keep them either way.
     """
     validate(cfg)
     meta = check_data(cfg.data.path)  # header, counts, labels, shapes: damaged data stops before RUN_DIR exists
@@ -58,7 +59,8 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
             check_resumable(cfg, meta, done, where)
         elif run_dir.has_readable_checkpoint():  # a run that stopped before its first checkpoint starts again
             raise UserError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out")
-        need = ray_resources(cfg) if cfg.dist.workers else None
+        in_this_process = cfg.dist.workers == 0 or (in_tune_trial and cfg.dist.workers == 1)
+        need = None if in_this_process else ray_resources(cfg)
         with ray_session(num_cpus=cfg.dist.workers * cfg.dist.cpus_per_worker, need=need) if need else \
                 contextlib.nullcontext():
             try:
@@ -68,10 +70,10 @@ def train(cfg: RunConfig, resume: bool = False, ray_callbacks: list | None = Non
                     run_dir.drop_unreadable()
                 run_dir.write_config(cfg)
                 invocation = uuid.uuid4().hex  # one id per call: Ray's restarts after a worker failure share it
-                if cfg.dist.workers == 0:
-                    return train_loop(cfg, invocation=invocation)
+                if in_this_process:
+                    return train_loop(cfg, reports_to="tune" if in_tune_trial else "run_dir", invocation=invocation)
                 write_storage_marker(run_dir, invocation)
-                run_on_ray(cfg, invocation, ray_callbacks or [], verbose)
+                run_on_ray(cfg, invocation, in_tune_trial, verbose)
             except OSError as err:  # a full disk, a file system gone read-only: what survives, and how to go on
                 if err.filename is None:  # TensorBoard's writer says what failed, not where: in RUN_DIR
                     err = OSError(err.errno, err.strerror or str(err), str(run_dir))
@@ -282,7 +284,7 @@ def _amount(value: float) -> str:
     return f"{value:g}"
 
 
-def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool = False) -> None:
+def run_on_ray(cfg: RunConfig, invocation: str, in_tune_trial: bool = False, verbose: bool = False) -> None:
     """A Ray Train TorchTrainer: DDP over gloo (CPU) or nccl (GPU), a checkpoint per epoch, restarts on failure.
 
     With RAY_ADDRESS set (a cluster, or inside `ray job submit`) it joins that cluster; otherwise it starts a
@@ -299,6 +301,11 @@ def run_on_ray(cfg: RunConfig, invocation: str, callbacks: list, verbose: bool =
         from ray.train.torch import TorchConfig, TorchTrainer
 
         run_dir = RunDir(cfg.out)
+        callbacks = []
+        if in_tune_trial:  # the workers' per-epoch reports reach the trial, so ASHA sees them
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            callbacks.append(TuneReportCallback())
         trainer = TorchTrainer(
             train_on_ray_worker,
             train_loop_config={"run": cfg.to_dict(), "invocation": invocation, "verbose": verbose},
@@ -329,7 +336,7 @@ def train_on_ray_worker(config: dict[str, Any]) -> None:
         compat.hide_ray_train_report_dumps()
     cfg = from_dict(config["run"])
     check_storage_marker(RunDir(cfg.out), config["invocation"])
-    train_loop(cfg, using_ray=True, invocation=config["invocation"])
+    train_loop(cfg, reports_to="ray_train", invocation=config["invocation"])
 
 
 def write_storage_marker(run_dir: RunDir, invocation: str) -> None:
@@ -416,7 +423,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, top_k: int | 
         if top_k < 0:
             raise UserError(f"--alg2-top-k {top_k} must be >= 0 (0: exact Algorithm 2)")
         cfg.train.alg2_top_k = top_k
-    device = pick_device(cfg, using_ray=False)
+    device = pick_device(cfg)
     trained = run_dir.trained(cfg, device)
     meta = check_data(cfg.data.path)
     trained.check_data(meta, cfg.data.path)

@@ -1,7 +1,8 @@
 """The one train loop: Algorithm 1 with AMP, per-epoch evaluation, checkpoints and metrics.
 
-`train_loop(cfg)` runs unchanged in this process (world size 1, no Ray) and as a Ray Train worker
-(`torch.distributed` initialised by Ray, DDP over gloo or nccl). It is three steps: `setup_training`, then per epoch
+`train_loop(cfg)` runs unchanged in this process (world size 1, no Ray), in a Ray Tune trial's process (world size 1,
+each epoch reported to Tune) and as a Ray Train worker (`torch.distributed` initialised by Ray, DDP over gloo or
+nccl). It is three steps: `setup_training`, then per epoch
 `train_epoch` (Algorithm 1, one `TrainStep` per batch) and `end_epoch` (evaluation, Figure 4, checkpoint,
 metrics.json).
 """
@@ -37,8 +38,12 @@ from vpn_dist.run_dir import RunDir
 FIGURE_IMAGES = 6
 
 
-def pick_device(cfg: RunConfig, using_ray: bool) -> torch.device:
-    if using_ray and cfg.dist.gpu:
+# Where a train loop's epoch reports go: RUN_DIR only; RUN_DIR and Ray Tune (a one-process trial); Ray Train.
+REPORTS_TO = ("run_dir", "tune", "ray_train")
+
+
+def pick_device(cfg: RunConfig, reports_to: str = "run_dir") -> torch.device:
+    if reports_to == "ray_train" and cfg.dist.gpu:
         import ray.train.torch
 
         return ray.train.torch.get_device()
@@ -182,20 +187,24 @@ class TrainStep:
 
 class Replica:
     """This process's place among the run's DDP processes (rank, world size), and how its checkpoints and metrics
-    leave it: to RUN_DIR directly, or through Ray Train."""
+    leave it (`reports_to`): to RUN_DIR directly (and each epoch's metrics to Ray Tune), or through Ray Train."""
 
-    def __init__(self, using_ray: bool):
-        self.using_ray = using_ray
+    def __init__(self, reports_to: str):
+        self.reports_to = reports_to
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
 
     def report(self, metrics: dict[str, Any], state: TrainState | None, run_dir: RunDir, keep: int) -> None:
         """Save rank 0's checkpoint and publish the epoch's metrics (a barrier across workers under Ray)."""
-        if not self.using_ray:
+        if self.reports_to != "ray_train":
             if state is not None:
                 state.save(run_dir.checkpoint(metrics["epoch"]))
                 run_dir.prune_checkpoints(keep)
+            if self.reports_to == "tune":  # ASHA reads it; resuming reads RUN_DIR's checkpoint, so Tune keeps none
+                from ray import tune
+
+                tune.report(_scalars(metrics))
             return
         import ray.train
 
@@ -222,22 +231,20 @@ def maybe_inject_fault(cfg: RunConfig, run_dir: RunDir, rank: int, epoch: int, s
         os._exit(1)
 
 
-def train_loop(cfg: RunConfig, *, using_ray: bool = False, invocation: str | None = None) -> dict[str, Any]:
+def train_loop(cfg: RunConfig, *, reports_to: str = "run_dir", invocation: str | None = None) -> dict[str, Any]:
     """Train one run; returns the final metrics (rank 0's are complete).
 
-    using_ray: this process is a Ray Train worker (its device, checkpoints and metrics go through Ray Train).
+    reports_to: "run_dir" (a plain process), "tune" (a Ray Tune trial's process: each epoch's metrics to Tune too) or
+      "ray_train" (a Ray Train worker: its device, checkpoints and metrics go through Ray Train).
     invocation: one id per `vpn-dist train` call, shared by the restarts Ray makes after a worker failure.
     """
-    training = setup_training(cfg, using_ray, invocation)
+    training = setup_training(cfg, reports_to, invocation)
     try:
         for epoch in range(training.start_epoch, cfg.train.epochs):
             epoch_start = time.perf_counter()
             metrics = train_epoch(training, epoch)
             end_epoch(training, metrics, epoch_start)
-        final = run_metrics(cfg, training.history, training.run_dir)
-        if training.replica.rank == 0:
-            training.run_dir.write_metrics(final)
-            training.log.hparams(hparams_of(cfg, training.gamma), final)
+        final = run_metrics(cfg, training.history, training.run_dir)  # rank 0 wrote it with the last epoch
     except BaseException:
         training.log.close(failing=True)  # its event file closed now, not at exit: the run directory can be unmounted
         raise
@@ -279,12 +286,12 @@ class Training:
                                   meta=self.meta)
 
 
-def setup_training(cfg: RunConfig, using_ray: bool, invocation: str | None) -> Training:
+def setup_training(cfg: RunConfig, reports_to: str, invocation: str | None) -> Training:
     """Device, models, optimizer, the state to start from, loaders, and this start's line in attempts.jsonl."""
-    replica = Replica(using_ray)
+    replica = Replica(reports_to)
     run_dir = RunDir(cfg.out)
-    device = pick_device(cfg, using_ray)
-    if using_ray and device.type == "cpu":  # the CPUs Ray reserved for this worker: more threads only oversubscribe
+    device = pick_device(cfg, reports_to)
+    if reports_to != "run_dir" and device.type == "cpu":  # the CPUs Ray reserved here: more threads oversubscribe
         torch.set_num_threads(cfg.dist.cpus_per_worker)
     flush_denormal = False
     if device.type == "cpu":
@@ -438,8 +445,8 @@ def stop_if_diverged(first_bad_step: torch.Tensor, first_bad_loss: torch.Tensor,
 
 
 def end_epoch(training: Training, metrics: dict[str, Any], epoch_start: float) -> None:
-    """Rank 0 evaluates and draws Figure 4 when they are due, then writes the checkpoint and metrics.json; every rank
-    reports the epoch (under Ray a barrier across workers)."""
+    """Rank 0 evaluates and draws Figure 4 when they are due, then writes the checkpoint and metrics.json (after the
+    last epoch, the HParams summary too); every rank reports the epoch (under Ray Train a barrier across workers)."""
     cfg, epoch = training.cfg, metrics["epoch"]
     last = epoch == cfg.train.epochs
     if training.replica.rank == 0 and (last or epoch % cfg.train.eval_every == 0):
@@ -462,7 +469,10 @@ def end_epoch(training: Training, metrics: dict[str, Any], epoch_start: float) -
     state = None
     if training.replica.rank == 0:
         state = training.state(epoch)
-        training.run_dir.write_metrics(run_metrics(cfg, training.history, training.run_dir))
+        summary = run_metrics(cfg, training.history, training.run_dir)
+        training.run_dir.write_metrics(summary)
+        if last:  # before the last report: Tune may end a trial's process as soon as it has the last epoch
+            training.log.hparams(hparams_of(cfg, training.gamma), summary)
     training.replica.report(metrics, state, training.run_dir, cfg.train.keep_checkpoints)
 
 

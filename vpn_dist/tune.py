@@ -1,4 +1,5 @@
-"""`vpn-dist tune`: a Ray Tune sweep of VPN runs, each trial a Ray Train run, ASHA on validation accuracy.
+"""`vpn-dist tune`: a Ray Tune sweep of VPN runs (one-worker trials train in the trial's process, larger ones are Ray
+Train runs), ASHA on validation accuracy.
 
     vpn-dist tune --space smoke --data DIR [--data DIR ...] --out OUT [--samples N] [--max-concurrent K]
                   [--workers-per-trial W] [--gpu | --gpus-per-trial F] [--epochs N] [--set KEY=VALUE ...] [--resume]
@@ -43,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, help="random draws per grid point (Ray Tune num_samples; default: the space's)")
     p.add_argument("--max-concurrent", type=int,
                    help="trials running at once (default: what the cluster's CPUs and GPUs hold)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
-    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per Ray Train worker (default 1)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="workers per trial (default 1: in the trial's own process; more: a Ray Train run)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per worker (default 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--gpus-per-trial", type=float, metavar="F",
                    help="GPUs per trial, shared by its workers (implies --gpu; e.g. 0.25: four trials per GPU)")
     p.add_argument("--epochs", type=int, help="override the space's train.epochs (and ASHA's max_t)")
@@ -63,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace, out: Path) -> int:
     space, settings = _resumed(args, out) if args.resume else _new(args, out)
-    train_resources = settings.resources().reserved()
     try:
         trials = driver.run_trials(
             functools.partial(run_trial, settings=settings),
             dict(space.axes) | {"data": {"grid_search": list(settings.datasets)}}, out,
-            resume=args.resume, max_concurrent=args.max_concurrent, train_resources=train_resources,
+            resume=args.resume, max_concurrent=args.max_concurrent, resources=settings.resources(),
+            max_failures=settings.max_failures(),
             asha={"time_attr": "epoch", "max_t": settings.max_epochs,
                   "grace_period": min(settings.grace_period, settings.max_epochs),
                   "reduction_factor": settings.reduction_factor},
@@ -118,7 +119,7 @@ def _new(args: argparse.Namespace, out: Path) -> tuple[Space, SweepSettings]:
     checked = check_space(space, settings, out)
     shown = ", ".join(f"{k} ({v['path']})" for k, v in settings.datasets.items())
     print(f"space {args.space}: {checked} resolved trial configs are valid; data sets: {shown}", flush=True)
-    print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} Ray Train worker(s) per trial; "
+    print(f"sweep: {settings.samples} sample(s) per grid point, {settings.workers} worker(s) per trial; "
           f"trial run dirs under {out / 'trials'}", flush=True)
     check_request(settings.resources().reserved(), "each trial")  # a request Ray could never meet writes nothing
     make_output_dir(out / "trials", "--out")

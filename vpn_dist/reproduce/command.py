@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         try:
             trials = driver.run_trials(
                 trial, {}, out, resume=False, experiment=f"tune-{state.next_experiment()}",
-                train_resources=plan.resources().reserved(), max_concurrent=args.max_concurrent,
+                resources=plan.resources(), max_concurrent=args.max_concurrent,
                 callbacks=[state.callback()],
                 ordered=[({"run_id": r.run_id}, waits) for r, waits in zip(order, waits_for)])
         except UserError:

@@ -65,7 +65,8 @@ def curve_rows(run: GridRun, summary: dict[str, Any]) -> list[dict[str, Any]]:
             for epoch in summary.get("history", [])]
 
 
-TEXT_COLUMNS = ("device", "torch_version", "precision", "flush_denormal")  # "2.10" is a version, not 2.1
+# "2.10" is a version, not 2.1; an id of hex digits ("5804269877", "0123e456") is not a number
+TEXT_COLUMNS = ("device", "torch_version", "precision", "flush_denormal", "config_id", "plan")
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ OUT/seeds.csv     each arm's winner re-run with the spec's rerun_seeds at full e
 OUT/report.md, OUT/figures/expected_best.png, OUT/figures/sensitivity.png, OUT/study.json (the settings)
 OUT/runs/search/<arm>/<trial>-<config id>/, OUT/runs/seeds/<arm>/seed<k>-<config id>/   run directories
 
-Phases, each resumable: the baseline arm's search, the VPN arm's search (each trial a Ray Tune trial running one
-Ray Train run, ASHA on per-epoch validation accuracy, trials started in their order), then both winners' re-runs
+Phases, each resumable: the baseline arm's search, the VPN arm's search (each trial a Ray Tune trial that trains in its
+own process, ASHA on per-epoch validation accuracy, trials started in their order), then both winners' re-runs
 (no early stopping). The jobs live here (the command, the recorder), in spec (the spec, trial parameters and
 configs) and report (the CSV rows, the estimator, report.md and figures).
 """
@@ -36,6 +36,7 @@ from vpn_dist.study import report
 from vpn_dist.study.spec import (ARMS, Plan, Study, check_rerun_seeds, check_shared, config_id, draw_params,
                                  load_study, trial_config)
 from vpn_dist.sweep import driver
+from vpn_dist.sweep.trial import TrialResources
 
 DIVERGED = "non-finite loss"  # the train loop's message when a trial's loss blew up (train.stop_if_diverged)
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     plan, study, datasets, configs = _resumed(args, out) if args.resume else _new(args, out)
     results = Results(out, study, plan, configs)
     results.save()
-    resources = plan.resources().reserved()
+    resources = plan.resources()
     for arm in ARMS:
         if results.search_arm(arm, resources, args.max_concurrent) == "interrupted":
             return _stopped(results, out)
@@ -205,7 +206,7 @@ class Results:
 
     # ------------------------------------------------------------ the search
 
-    def search_arm(self, arm: str, resources: dict[str, float], max_concurrent: int | None) -> str:
+    def search_arm(self, arm: str, resources: TrialResources, max_concurrent: int | None) -> str:
         """Run the arm's unfinished trials in their order; "done" or "interrupted"."""
         pending = [i for i in range(self.plan.trials) if self.rows.get((arm, i), {}).get("status")
                    not in report.SEARCH_FINAL]
@@ -222,7 +223,7 @@ class Results:
         keyed = {f"search/{arm}/{i}": self.configs[(arm, i)] for i in pending}
         trials = driver.run_trials(
             functools.partial(study_trial, configs=keyed), {}, self.out, resume=False,
-            experiment=f"tune-{arm}-{self._sessions()}", train_resources=resources, max_concurrent=max_concurrent,
+            experiment=f"tune-{arm}-{self._sessions()}", resources=resources, max_concurrent=max_concurrent,
             asha={"time_attr": "epoch", "max_t": self.plan.epochs,
                   "grace_period": min(self.study.grace_period, self.plan.epochs),
                   "reduction_factor": self.study.reduction_factor},
@@ -293,7 +294,7 @@ class Results:
 
     # ------------------------------------------------------------ the winners' re-runs
 
-    def rerun_winners(self, datasets: dict[str, dict[str, Any]], resources: dict[str, float],
+    def rerun_winners(self, datasets: dict[str, dict[str, Any]], resources: TrialResources,
                       max_concurrent: int | None) -> str:
         """Each arm's winner with every rerun seed at full epochs, no early stopping; "done" or "interrupted"."""
         self.winners = report.winners(list(self.rows.values()))
@@ -324,7 +325,7 @@ class Results:
         keyed = {f"seeds/{arm}/{seed}": self.rerun_configs[(arm, seed)] for arm, seed in pending}
         trials = driver.run_trials(
             functools.partial(study_trial, configs=keyed), {}, self.out, resume=False,
-            experiment=f"tune-seeds-{self._sessions()}", train_resources=resources, max_concurrent=max_concurrent,
+            experiment=f"tune-seeds-{self._sessions()}", resources=resources, max_concurrent=max_concurrent,
             callbacks=[self._callback()], ordered=[({"key": key}, set()) for key in keyed], verbose=0)
         return self._record_the_rest(trials)
 

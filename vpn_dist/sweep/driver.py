@@ -15,15 +15,17 @@ from typing import Any, Callable
 from vpn_dist.config import RunConfig
 from vpn_dist.errors import UserError, free_space
 from vpn_dist.sweep.storage import atomic_local_filesystem
+from vpn_dist.sweep.trial import TrialResources
 
-# A trial only drives a Ray Train run (it and the Train controller need no CPU); the Train workers reserve the CPUs
-# and GPUs. Ray refuses an empty resource request, so the driver asks for a little memory (a logical reservation).
+# A trial of one worker trains in its own process and reserves that worker's resources. A trial of more only drives a
+# Ray Train run (it and the Train controller need no CPU; the Train workers reserve the CPUs and GPUs), and Ray refuses
+# an empty resource request, so it asks for a little memory (a logical reservation).
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 
 def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: Path, *, resume: bool,
-               train_resources: dict[str, float], max_concurrent: int | None = None,
-               trial_resources: dict[str, float] | None = None, asha: dict[str, Any] | None = None,
+               resources: TrialResources, max_concurrent: int | None = None, max_failures: int = 0,
+               asha: dict[str, Any] | None = None,
                metric: str | None = None, num_samples: int = 1, experiment: str = "tune",
                callbacks: list | None = None, ordered: list[tuple[dict[str, Any], set[int]]] | None = None,
                asha_history: list[list[dict[str, Any]]] | None = None, verbose: int = 1) -> list:
@@ -31,9 +33,11 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     or continue the one there (`resume`: finished trials are not rerun, errored ones not retried). A failing trial
     is recorded and the others go on. Returns the trials as saved on disk (`tune.ExperimentAnalysis(...).trials`).
 
-    train_resources: what one trial's Ray Train workers reserve altogether (e.g. {"CPU": 2} or {"CPU": 1,
-      "GPU": 0.5}); max_concurrent=None runs as many trials at once as the cluster holds of these.
-    trial_resources: what the trial function itself reserves (default DRIVER_RESOURCES).
+    resources: what one trial's training reserves (its workers, their CPUs and GPUs); max_concurrent=None runs as
+      many trials at once as the cluster holds of these. `trial` must train through `train_in_trial`, which runs a
+      one-worker trial in the trial's own process, as reserved here.
+    max_failures: restarts of a one-worker trial whose process died (it resumes from its checkpoint); a trial of
+      more workers has Ray Train restart them instead (train.max_failures).
     asha: ASHAScheduler keyword arguments (early stopping on `metric`, maximized); None runs every trial to its end.
     callbacks: Tune callbacks (e.g. to record each trial as it ends); a restored experiment keeps the pickled
       ones it started with.
@@ -51,11 +55,12 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state on disk at least every 5 s
     state = out / experiment
     storage = atomic_local_filesystem()
+    train_resources = resources.reserved()
     with ray_session(num_cpus=int(train_resources.get("CPU", 0)), need=train_resources):
         import ray
         from ray import tune
 
-        trainable = tune.with_resources(trial, trial_resources or DRIVER_RESOURCES)
+        trainable = tune.with_resources(trial, train_resources if resources.in_trial_process else DRIVER_RESOURCES)
         if resume:
             if not tune.Tuner.can_restore(str(state), storage_filesystem=storage):
                 raise UserError(f"--resume: {state} holds no Tune experiment state yet; start again without "
@@ -75,7 +80,9 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
                                             scheduler=_asha(asha, asha_history) if asha else None),
                 run_config=tune.RunConfig(name=experiment, storage_path=str(out), storage_filesystem=storage,
                                           callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                          failure_config=tune.FailureConfig(
+                                              max_failures=max_failures if resources.in_trial_process else 0,
+                                              fail_fast=False),
                                           verbose=verbose))
             print(f"{concurrent} trial(s) at a time, each reserving {train_resources}; Tune state in {state}",
                   flush=True)
@@ -187,11 +194,11 @@ def default_concurrency(cluster: dict[str, float], train_resources: dict[str, fl
 
 
 def train_in_trial(cfg: RunConfig) -> None:
-    """Run one vpn-dist run as the current Tune trial: its per-epoch reports reach Tune. A run whose metrics.json
-    already has all its epochs (the sweep was interrupted after it finished) replays them instead of retraining;
-    one with a checkpoint resumes from it."""
+    """Run one vpn-dist run as the current Tune trial: its per-epoch reports reach Tune. One worker trains here, in
+    the trial's process (what `run_trials` reserved for it); more are a Ray Train run this trial drives. A run whose
+    metrics.json already has all its epochs (the sweep was interrupted after it finished) replays them instead of
+    retraining; one with a checkpoint resumes from it."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from vpn_dist.launch import train
     from vpn_dist.run_dir import RunDir
@@ -202,4 +209,4 @@ def train_in_trial(cfg: RunConfig) -> None:
         for epoch_metrics in done.get("history", []):
             tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
         return
-    train(cfg, resume=run_dir.has_readable_checkpoint(), ray_callbacks=[TuneReportCallback()])
+    train(cfg, resume=run_dir.has_readable_checkpoint(), in_tune_trial=True)

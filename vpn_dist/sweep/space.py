@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpn_dist.config import RunConfig, paper_gamma
+from vpn_dist.config import RunConfig, apply_overrides, from_dict, paper_gamma
 from vpn_dist.errors import UserError
 from vpn_dist.sweep.trial import TrialResources, resolve_config
 
@@ -56,6 +56,10 @@ class SweepSettings:
 
     def resources(self) -> TrialResources:
         return TrialResources(self.workers, self.cpus_per_worker, self.gpu, self.gpus_per_trial)
+
+    def max_failures(self) -> int:
+        """train.max_failures as the space's fixed values and --set give it: restarts of a trial's workers."""
+        return apply_overrides(from_dict(dict(self.fixed)), self.overrides).train.max_failures
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

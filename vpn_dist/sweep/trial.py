@@ -11,7 +11,7 @@ from vpn_dist.config import RunConfig, apply_overrides, from_dict, validate
 
 @dataclass(frozen=True)
 class TrialResources:
-    """What each trial's Ray Train workers reserve: `workers` of `cpus_per_worker` CPUs each, and with `gpu`
+    """What each trial's workers reserve: `workers` of `cpus_per_worker` CPUs each, and with `gpu`
     `gpus_per_trial` GPUs shared by the trial's workers (None: one GPU per worker)."""
 
     workers: int = 1
@@ -21,9 +21,15 @@ class TrialResources:
 
     @classmethod
     def one_worker(cls, cpus_per_trial: int, gpus_per_trial: float) -> TrialResources:
-        """A trial of one Ray Train worker (reproduce, study): its CPUs, and its GPU share (0: none)."""
+        """A trial of one worker (reproduce, study): its CPUs, and its GPU share (0: none)."""
         return cls(workers=1, cpus_per_worker=cpus_per_trial, gpu=gpus_per_trial > 0,
                    gpus_per_trial=gpus_per_trial or None)
+
+    @property
+    def in_trial_process(self) -> bool:
+        """One worker trains in its Tune trial's own process: a Ray Train worker group of one would add only start-up
+        (two more processes, a process group of one) and one more place where starting can stall."""
+        return self.workers == 1
 
     @property
     def cpus_per_trial(self) -> int:
