@@ -182,3 +182,28 @@ def test_readme_verdict_table_is_the_reports():
             assert (low, high) == (min(means), max(means)), line
         else:
             assert len(rows) == 1 and ours.replace("−", "-") == differences[0].rsplit(" (", 1)[0], line
+
+
+def test_readme_tuning_table_is_the_studies():
+    """Each row of README's "Does tuning rescue VPN?" table is its study's: the winners' mean test accuracy over the
+    re-run seeds (from seeds.csv), and the Algorithm 2 row of the report's test comparison (the interval, the paper's
+    gain, the verdict)."""
+    import csv
+    import statistics
+
+    section = README.read_text().split("## Does tuning rescue VPN?", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| [")]
+    assert table, "README's tuning section has no study rows"
+    for line in table:
+        where, baseline, vpn, ours, gain, verdict = (c.strip() for c in line.strip("|").split("|"))
+        (target,) = re.findall(r"\]\((reproduction/tuned-[^)]+)/report\.md\)", where)
+        with open(REPO / target / "seeds.csv", newline="") as f:
+            seeds = list(csv.DictReader(f))
+        means = {arm: f"{100 * statistics.mean(float(r['test_acc']) for r in seeds if r['arm'] == arm):.2f}"
+                 for arm in ("baseline", "vpn")}
+        assert (baseline, vpn) == (means["baseline"], means["vpn"]), line
+        comparison = (REPO / target / "report.md").read_text().split("| VPN − baseline |", 1)[1].splitlines()
+        (row,) = [r for r in comparison if r.startswith("| Algorithm 2 |")]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert ours == cells[1].rsplit(" (", 1)[0], line
+        assert (gain, verdict) == (cells[4], cells[7]), line
