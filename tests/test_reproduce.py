@@ -266,6 +266,21 @@ def test_the_committed_grids_keep_their_plan_fingerprints_and_name_no_machine_pa
             f"{saved} names its data by a path of the machine that ran it"
 
 
+def test_every_committed_report_recomputes_byte_for_byte_from_its_runs_csv(tmp_path, monkeypatch):
+    """report.md of every committed grid is what its runs.csv and curves.csv give today: a change to the report code
+    that moves a committed number, or a hand edit of a report, fails here."""
+    from vpn_dist.reproduce.report import read_csv
+
+    monkeypatch.chdir(REPO)  # a control's --sigma-from names its grid from the repository root
+    for saved in sorted((REPO / "reproduction").glob("*/reproduce.json")):
+        grid_dir = saved.parent
+        out = tmp_path / grid_dir.name
+        out.mkdir()
+        write_report(out, Plan.from_dict(json.loads(saved.read_text())), read_csv(grid_dir / "runs.csv"),
+                     read_csv(grid_dir / "curves.csv"))
+        assert (out / "report.md").read_text() == (grid_dir / "report.md").read_text(), grid_dir
+
+
 def _parser():
     import argparse
 

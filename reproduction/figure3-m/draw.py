@@ -20,7 +20,7 @@ from scipy import stats
 
 from vpn_dist.observe import save_figure, write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
-from vpn_dist.reproduce.report import FINISHED, FULL_TEST, read_csv
+from vpn_dist.reproduce.report import FINISHED, FULL_TEST, difference_cell, p_with_holm, read_csv, summary
 from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, holm
 
 HERE = Path(__file__).resolve().parent
@@ -119,16 +119,6 @@ def speed_verdict(difference: Comparison) -> str:
     return "no difference detected" if difference.p is not None else "-"
 
 
-def interval(c: Comparison) -> str:
-    if c.mean is None:
-        return "-"
-    return f"{c.mean:+.2f}" + ("" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]") + f" ({c.n})"
-
-
-def p_cell(p: float | None, adjusted: float | None) -> str:
-    return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
-
-
 def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
     reference = grids[min(grids)]
     others = [m for m in sorted(grids) if m != min(grids)]
@@ -156,8 +146,8 @@ def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
         alg2, no_noise = list(final[m].values()), [100 * r["test_acc_no_noise"] for r in joint.values()]
         speed = [r["train_images_per_sec"] for r in joint.values() if r.get("train_images_per_sec") is not None]
         lines.append(
-            f"| {m} | `{folders[m].name}` | {len(joint)} | {_mean_sd(alg2)} | {_mean_sd(no_noise)} | "
-            f"{interval(compare(final[m], baseline))} | "
+            f"| {m} | `{folders[m].name}` | {len(joint)} | {summary(alg2)} | {summary(no_noise)} | "
+            f"{difference_cell(compare(final[m], baseline))} | "
             f"{np.median([r['wall_time_s'] for r in joint.values()]) / 60:.1f} min | "
             f"{f'{np.median(speed):,.0f}' if speed else 'not recorded'} |")
     lines += [
@@ -168,8 +158,8 @@ def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
         f"early: Δ [95% CI] (n) | p (Holm) | faster convergence? |",
         "|---|---|---|---|---|---|---|---|"]
     for m, f, pe, pe_holm, e in zip(others, final_diff, equivalent, equivalent_holm, early_diff):
-        lines.append(f"| {m} | {interval(f)} | {p_cell(f.p, f.p_holm)} | {p_cell(pe, pe_holm)} | "
-                     f"{final_verdict(f, pe_holm, margin)} | {interval(e)} | {p_cell(e.p, e.p_holm)} | "
+        lines.append(f"| {m} | {difference_cell(f)} | {p_with_holm(f.p, f.p_holm)} | {p_with_holm(pe, pe_holm)} | "
+                     f"{final_verdict(f, pe_holm, margin)} | {difference_cell(e)} | {p_with_holm(e.p, e.p_holm)} | "
                      f"{speed_verdict(e)} |")
     lines += [
         "",
@@ -184,12 +174,6 @@ def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
         f"Verdict: **faster** (or slower) if the Holm-adjusted p < {ALPHA}, else **no difference detected**.",
         "- Holm: across the m's, one family per column.", ""]
     return "\n".join(lines)
-
-
-def _mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f} ({len(values)})" if values else "-"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} ({len(values)})"
 
 
 def draw(grids: dict[int, dict], path: Path) -> None:

@@ -291,8 +291,7 @@ def isotropic_control_section(plan: Plan, cells: list[tuple[tuple, str, dict[int
             c = compare(vpn_cells[(key[1], key[2], vpn_name)], isotropic)
             if c.n == 0:
                 continue
-            interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
-            lines.append(f"| {key[1]} | {key[2]} | {vpn_name} | {c.mean:+.2f}{interval} ({c.n}) | "
+            lines.append(f"| {key[1]} | {key[2]} | {vpn_name} | {difference_cell(c)} | "
                          f"{'' if c.p is None else f'{c.p:.3g}'} | {'-' if c.mde is None else f'{c.mde:.2f}'} |")
     return lines + ["", "Two-sided paired t-tests (not in the Holm families above: they ask about a control, not a "
                         "paper claim); MDE as in [Statistics](#statistics).", ""]
@@ -301,13 +300,18 @@ def isotropic_control_section(plan: Plan, cells: list[tuple[tuple, str, dict[int
 def comparison_cells(c: Comparison, no_gain: str = "") -> list[str]:
     """A row's paired statistics as table cells, as every report shows them: Δ [CI] (n), p (Holm), the paper's gain
     (`no_gain` where the paper has none), p_excl (Holm), MDE, verdict."""
-    interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
-    return [f"{c.mean:+.2f}{interval} ({c.n})", _p_with_holm(c.p, c.p_holm),
-            no_gain if c.claimed_gain is None else f"{c.claimed_gain:+.2f}", _p_with_holm(c.p_excl, c.p_excl_holm),
+    return [difference_cell(c), p_with_holm(c.p, c.p_holm),
+            no_gain if c.claimed_gain is None else f"{c.claimed_gain:+.2f}", p_with_holm(c.p_excl, c.p_excl_holm),
             "-" if c.mde is None else f"{c.mde:.2f}", c.verdict or "-"]
 
 
-def _p_with_holm(p: float | None, adjusted: float | None) -> str:
+def difference_cell(c: Comparison) -> str:
+    """The mean paired difference, its interval and n: "+0.12 [-0.19, +0.43] (5)"."""
+    interval = "" if c.ci is None else f" [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
+    return f"{c.mean:+.2f}{interval} ({c.n})"
+
+
+def p_with_holm(p: float | None, adjusted: float | None) -> str:
     return "-" if p is None else f"{p:.3g} ({adjusted:.3g})"
 
 
