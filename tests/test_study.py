@@ -478,3 +478,18 @@ def test_tiny_study_end_to_end_kill_and_resume(tiny_synthetic_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "n = 1" in report
     assert (out / "figures" / "expected_best.png").is_file() and (out / "figures" / "sensitivity.png").is_file()
+
+
+def test_every_committed_study_report_recomputes_byte_for_byte(tmp_path, monkeypatch, capsys):
+    """report.md of every committed study is what its CSV files give today (its command names OUT as given, so the
+    copy sits at the same relative path)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    for committed in sorted((repo / "reproduction").glob("tuned-*/study.json")):
+        copy = Path("reproduction") / committed.parent.name
+        copy.mkdir(parents=True)
+        for name in ("study.json", "trials.csv", "curves.csv", "seeds.csv"):
+            if (committed.parent / name).is_file():
+                shutil.copy(committed.parent / name, copy / name)
+        assert main(["study", "--out", str(copy), "--report-only"]) == 0
+        assert (copy / "report.md").read_text() == (committed.parent / "report.md").read_text(), committed.parent
