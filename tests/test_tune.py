@@ -118,7 +118,9 @@ def _numbers(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in epoch.items() if not k.endswith(("_s", "_per_sec"))} for epoch in history]
 
 
-def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],
+                         ids=["ctrl-c", "sigterm"])
+def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_path, signum):
     # inception_v3 is a valid torchvision classifier (so the space passes its checks) that cannot take
     # 16x16 images: its trial fails at run time, is recorded with its error, and the others go on.
     space = write_space(tmp_path / "space.py", """
@@ -134,14 +136,14 @@ def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_pat
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         finished_first = _wait_for_finished_trial(out, driver)
-        driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the running trials
+        driver.send_signal(signum)  # Tune saves its state and stops the running trials
         log, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     assert driver.returncode == 130, log[-4000:]
-    assert "--resume" in log
+    assert "continue it with the same command and --resume" in log and "Traceback" not in log, log[-4000:]
 
     resumed = vpn("tune", "--space", str(space), "--data", str(data_dir), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -157,6 +159,26 @@ def test_interrupted_sweep_resumes_and_records_a_failing_trial(data_dir, tmp_pat
     assert len(attempts) == 1 and json.loads(attempts[0])["reason"] == "start", attempts
     assert (out / "best_config.yaml").exists() is False  # two groups finished (sr, dnn3)
     assert len(list((out / "best").glob("*.yaml"))) == 2
+
+
+def test_sigterm_during_the_trials_asks_tune_to_stop_and_a_second_one_stops_at_once():
+    from vpn_dist.sweep.driver import sigterm_stops_like_ctrl_c
+
+    heard = []
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+    signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append("tune's graceful stop"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: heard.append("the command's own stop"))
+    try:
+        with sigterm_stops_like_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert heard == ["tune's graceful stop"]
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert heard == ["tune's graceful stop", "the command's own stop"]
+        os.kill(os.getpid(), signal.SIGTERM)  # after the trials: the command's handler again
+        assert heard[-1] == "the command's own stop" and len(heard) == 3
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
 
 
 def _wait_for_finished_trial(out: Path, driver: subprocess.Popen) -> str:

@@ -5,9 +5,12 @@ Ray is imported only inside these functions, within `ray_session` (a local Ray s
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -87,7 +90,8 @@ def run_trials(trial: Callable[[dict], None], param_space: dict[str, Any], out: 
             print(f"{concurrent} trial(s) at a time, each reserving {train_resources}; Tune state in {state}",
                   flush=True)
         try:
-            tuner.fit()
+            with sigterm_stops_like_ctrl_c():
+                tuner.fit()
             # The statuses as saved on disk: after Ctrl-C the in-memory trials all read TERMINATED, while the saved
             # state keeps the unfinished ones PENDING (what resume runs).
             trials = list(tune.ExperimentAnalysis(str(state), storage_filesystem=storage).trials)
@@ -148,6 +152,27 @@ def _asha(asha: dict[str, Any], history: list[list[dict[str, Any]]] | None):
             super().on_trial_add(tune_controller, trial)
 
     return ReplayingASHA()
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c():
+    """While Tune runs: SIGTERM (a job stopped, a node drained) ends the trials as Ctrl-C does, through Tune's own
+    graceful stop (SIGUSR1), so that its state is saved and the command prints the way on; a second SIGTERM stops at
+    once, by the handler the command had."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGUSR1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _in_order(points: tuple[dict[str, Any], ...], waits_for: tuple[set[int], ...]):
