@@ -21,7 +21,7 @@ from scipy import stats
 from vpn_dist.observe import save_figure, write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
 from vpn_dist.reproduce.report import FINISHED, FULL_TEST, difference_cell, p_with_holm, read_csv, summary
-from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, holm
+from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, holm, paired_differences
 
 HERE = Path(__file__).resolve().parent
 REPRODUCTION = HERE.parent
@@ -91,7 +91,7 @@ def paper_gain() -> float:
 def equivalence_p(row: dict[int, float], reference: dict[int, float], margin: float) -> float | None:
     """TOST: the larger of the two one-sided paired t-tests of H0 "the difference is <= -margin" and H0 "it is >=
     +margin". Below ALPHA, the difference is within ±margin (the (1 - 2·ALPHA) interval lies inside it)."""
-    d = np.array([row[s] - reference[s] for s in sorted(set(row) & set(reference))], dtype=float)
+    d = paired_differences(row, reference)
     if len(d) < 2:
         return None
     if np.allclose(d, d[0]):
@@ -120,17 +120,16 @@ def speed_verdict(difference: Comparison) -> str:
 
 
 def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
-    reference = grids[min(grids)]
-    others = [m for m in sorted(grids) if m != min(grids)]
+    m1 = min(grids)
+    others = [m for m in sorted(grids) if m != m1]
     final = {m: final_accuracy(g) for m, g in grids.items()}
     early = {m: early_accuracy(g) for m, g in grids.items()}
-    final_diff = with_holm([compare(final[m], final[min(grids)]) for m in others])
+    final_diff = with_holm([compare(final[m], final[m1]) for m in others])
     margin = paper_gain()
-    equivalent = [equivalence_p(final[m], final[min(grids)], margin) for m in others]
+    equivalent = [equivalence_p(final[m], final[m1], margin) for m in others]
     equivalent_holm = holm(equivalent)
-    early_diff = with_holm([compare(early[m], early[min(grids)]) for m in others])
-    baseline = {seed: 100 * r["test_acc_no_noise"] for seed, r in reference["baseline"].items()}
-    m1 = min(grids)
+    early_diff = with_holm([compare(early[m], early[m1]) for m in others])
+    baseline = {seed: 100 * r["test_acc_no_noise"] for seed, r in grids[m1]["baseline"].items()}
     lines = [
         "# Figure 3: the effect of m", "",
         f"Joint training of the {BASE} base with the {GENERATOR} generator ({DATA}, the authors' Adam, 40 "
