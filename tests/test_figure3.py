@@ -73,3 +73,15 @@ def test_a_grid_given_as_the_wrong_m_is_refused_naming_it(tmp_path):
     write_grid(tmp_path / "m4", 4, final=[88.0, 88.5], early=[80.0, 81.0])
     with pytest.raises(SystemExit, match="m4 trained with m = 4, not the m = 2"):
         figure3.load(2, tmp_path / "m4")
+
+
+def test_seeds_that_all_differ_by_the_same_nonzero_amount_are_not_called_faster(tmp_path):
+    # the subset accuracy moves in steps of 1/500: two seeds can each gain exactly 0.1 points by coincidence, which
+    # is no spread to test against, not p = 0
+    write_grid(tmp_path / "m1", 1, final=[88.0, 88.5], early=[83.6, 83.3], baseline=[87.0, 88.0])
+    write_grid(tmp_path / "m2", 2, final=[88.1, 88.6], early=[83.7, 83.4])
+    folders = {1: tmp_path / "m1", 2: tmp_path / "m2"}
+    grids = {m: figure3.load(m, folder) for m, folder in folders.items()}
+    assert figure3.equivalence_p(figure3.final_accuracy(grids[2]), figure3.final_accuracy(grids[1]), 0.22) is None
+    row = next(line for line in figure3.report(grids, folders).splitlines() if line.startswith("| 2 | +"))
+    assert row == "| 2 | +0.10 (2) | - | - | inconclusive | +0.10 (2) | - | - |"

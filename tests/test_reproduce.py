@@ -109,6 +109,24 @@ def test_resume_takes_the_starting_flags_again_and_refuses_different_ones(tiny_s
         _resumed_plan(parser.parse_args([*start[:-4], "--bases", "dnn3", "--set", "train.epochs=2", "--resume"]), out)
 
 
+def test_a_new_grid_has_its_report_before_any_run_ends(tiny_synthetic_dir, tmp_path, monkeypatch):
+    from vpn_dist.cli import main
+    from vpn_dist.reproduce import command
+
+    out = tmp_path / "grid"
+    seen = {}
+
+    def no_runs(*args, **kwargs):  # the trials would start here: what is on disk already
+        seen["report"] = (out / "report.md").read_text()
+        seen["rows"] = {r["status"] for r in _runs_csv(out)}
+        return []
+
+    monkeypatch.setattr(command.driver, "run_trials", no_runs)
+    main(["reproduce", "--table", "1", "--data", str(tiny_synthetic_dir), "--seeds", "2", "--out", str(out),
+          "--bases", "sr", "--modes", "baseline", "--epochs", "1"])
+    assert seen["rows"] == {"pending"} and seen["report"].startswith("# Reproduction")
+
+
 def test_a_paper_data_set_outside_its_table_is_refused(tmp_path, capsys):
     from vpn_dist.cli import main
 

@@ -45,11 +45,15 @@ def test_too_few_seeds_give_no_test():
     assert (one.n, one.mean, one.p, one.ci, one.p_excl, one.mde, one.verdict) == (1, 0.5, None, None, None, None, None)
 
 
-def test_identical_differences_are_known_exactly():
+def test_no_difference_at_all_is_known_exactly_and_a_repeated_nonzero_one_is_not_tested():
     frozen = compare({0: 81.0, 1: 82.0, 2: 83.0}, {0: 81.0, 1: 82.0, 2: 83.0}, claimed_gain=0.2)
     assert (frozen.mean, frozen.sd, frozen.ci, frozen.p, frozen.p_excl, frozen.mde) == (0, 0, (0, 0), 1, 0, 0)
-    constant = compare({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0}, claimed_gain=0.5)  # exactly the paper's gain
-    assert constant.p == 0 and constant.p_excl == 1
+    # two seeds that each gained exactly 0.1 points (accuracies move in whole images): no spread, so no evidence
+    # of anything beyond the two numbers, not p = 0
+    coincidence = compare({0: 83.74, 1: 83.40}, {0: 83.64, 1: 83.30}, claimed_gain=0.5)
+    assert coincidence.mean == pytest.approx(0.1) and coincidence.sd == 0
+    assert (coincidence.ci, coincidence.p, coincidence.p_excl, coincidence.mde, coincidence.verdict) == (
+        None, None, None, None, None)
 
 
 def test_holm_by_hand():

@@ -94,8 +94,8 @@ def equivalence_p(row: dict[int, float], reference: dict[int, float], margin: fl
     d = paired_differences(row, reference)
     if len(d) < 2:
         return None
-    if np.allclose(d, d[0]):
-        return 0.0 if abs(d[0]) < margin else 1.0
+    if np.allclose(d, d[0]):  # no spread: no test, as in `compare`
+        return 0.0 if np.allclose(d, 0) else None
     above = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
     below = stats.ttest_1samp(d, margin, alternative="less").pvalue
     return float(max(above, below))

@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
           f"{f' ({len(retraining)} finished elsewhere, trained again here)' if retraining else ''}; "
           f"results in {out}", flush=True)
     state = Results(out, plan, runs, previous, retraining)
-    state.save()
+    state.save(report=True)  # a grid on disk always has its report, before its first run ends too
     # Seed by seed, in the grid's order; a generator-only run waits for its seed's baseline (when that runs too),
     # and starts as soon as it has finished, so no slot idles while anything else could run.
     order = sorted(pending, key=lambda r: (r.seed, r.mode == "generator-only"))

@@ -242,10 +242,10 @@ def statistics_section(comparisons: dict[tuple, Comparison]) -> list[str]:
         f"- **Δ baseline [{level} CI]**: the mean of the per-seed differences (row − the same seed's baseline) and its "
         f"t interval, mean ± t({1 - ALPHA / 2:g}; n − 1) · sd / √n. With n ≤ 5 seeds a bootstrap interval is not "
         "better: 5 differences have only 126 distinct resamples, and the percentile bootstrap's interval is too "
-        "narrow at such n; the t interval is exact when the differences are normal. Where every seed gives the same "
-        "difference (a base the generator left unchanged: its no-noise accuracy is its baseline's) there is no spread "
-        "to test: the interval is that difference, and p and p_excl are 0 or 1 by which side of 0 and of the paper's "
-        "gain it lies.",
+        "narrow at such n; the t interval is exact when the differences are normal. Where no seed differs at all (a "
+        "base the generator left unchanged: its no-noise accuracy is its baseline's) the difference is known "
+        "exactly: the interval is [0, 0], p is 1 and p_excl 0. Where every seed gives the same nonzero difference (a "
+        "coincidence of accuracies counted in whole images) t is undefined: no interval and no test.",
         f"- **p**: two-sided paired t-test of the row against its baseline (H0: no difference). In parentheses, Holm's "
         f"adjustment over the {tests} paired tests of this report.",
         "- **paper's gain**: the paper's row minus the paper's baseline, same table, data and base.",

@@ -66,17 +66,18 @@ def compare(row: dict[int, float], baseline: dict[int, float], claimed_gain: flo
     mean = float(d.mean())
     if n == 1:
         return Comparison(1, mean, None, None, None, claimed_gain, None, None)
-    # Every seed gave the same difference (a frozen base's no-noise accuracy is its baseline's): t is undefined, the
-    # difference is known exactly.
-    sd = 0.0 if np.allclose(d, d[0]) else float(d.std(ddof=1))
-    half_width = stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n)
     claimed = claimed_gain is not None and claimed_gain > 0  # a gain <= 0 is no claim of improvement to reject
-    if sd == 0:
-        p = 1.0 if d[0] == 0 else 0.0
-        p_excl = (0.0 if mean < claimed_gain else 1.0) if claimed else None
+    if np.allclose(d, d[0]):  # every seed gave the same difference: t is undefined
+        if not np.allclose(d, 0):
+            # a coincidence of accuracies counted in whole images, not a difference known exactly: no test
+            return Comparison(n, mean, 0.0, None, None, claimed_gain, None, None)
+        # no difference at all: a frozen base's no-noise accuracy is its baseline's, exactly
+        sd, p, p_excl = 0.0, 1.0, (0.0 if claimed else None)
     else:
+        sd = float(d.std(ddof=1))
         p = float(stats.ttest_1samp(d, 0.0).pvalue)
         p_excl = float(stats.ttest_1samp(d, claimed_gain, alternative="less").pvalue) if claimed else None
+    half_width = stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n)
     return Comparison(n, mean, sd, (mean - half_width, mean + half_width), p, claimed_gain, p_excl,
                       minimum_detectable_effect(sd, n))
 
