@@ -47,11 +47,15 @@ grid synthetic-sgd-gamma0 --table 1 --modes baseline,joint --data "$DATA/syn" --
     --generators resnet18 --set vpn.gamma=0
 grid synthetic-sgd-gamma-authors --table 1 --modes baseline,joint --data "$DATA/syn" --seeds 3 --bases dnn3 \
     --generators resnet18 --set vpn.gamma=0.0033333333
-# Figure 3, the effect of m: m = 1 and the baselines are fashion-mnist-adam's (the same seeds, data and settings)
+# Figure 3, the effect of m: m = 1 and the baselines are fashion-mnist-adam's (the same seeds, data and settings).
+# The three grids side by side: one after another, each one's last run would leave CPUs idle.
+figure3=()
 for m in 2 4 8; do
     grid fashion-mnist-adam-m$m --table 1 --modes joint --data "$DATA/fm" --seeds 3 --bases dnn3 \
-        --generators dnn3 --set vpn.m=$m "${ADAM[@]}"
+        --generators dnn3 --set vpn.m=$m "${ADAM[@]}" &
+    figure3+=($!)
 done
+for pid in "${figure3[@]}"; do wait "$pid"; done
 $PY reproduction/figure3-m/draw.py 1="$OUT/fashion-mnist-adam" 2="$OUT/fashion-mnist-adam-m2" \
     4="$OUT/fashion-mnist-adam-m4" 8="$OUT/fashion-mnist-adam-m8"
 # CIFAR-10 under the authors' Adam, where the DNN3 base is not underfit and the generator's noise grows: 5 seeds, as
