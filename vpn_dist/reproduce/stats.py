@@ -23,7 +23,8 @@ class Comparison:
     mean, sd: of the per-seed differences (sd None below 2 seeds); ci: the t-based (1 - ALPHA) interval of the mean;
     p: two-sided paired t-test of "no difference"; p_excl: one-sided paired t-test of H0 "the true gain is at least the
     paper's" against H1 "it is smaller" (None where the paper claims no gain); mde: the smallest true difference a
-    two-sided paired t-test at ALPHA detects with POWER, for this sd and n. p_holm, p_excl_holm: set by `judge`.
+    two-sided paired t-test at ALPHA detects with POWER, for this sd and n; ci, p, p_excl and mde are None where
+    every seed gave the same nonzero difference (`compare`). p_holm, p_excl_holm: set by `judge`.
     """
 
     n: int
