@@ -275,6 +275,30 @@ def test_amp_auto_follows_the_cpu_probe_and_is_bf16_on_a_bf16_gpu(monkeypatch):
     assert resolve_amp("fp16", torch.device("cuda")) == "fp16" and resolve_amp("bf16", torch.device("cpu")) == "bf16"
 
 
+class ScriptedClock:
+    """perf_counter for the bf16 probe: each fp32 matmul lasts 1 tick, each bf16 one `bf16_ticks`."""
+
+    def __init__(self, bf16_ticks: float):
+        self.now, self.reads, self.durations = 0.0, 0, [1.0, bf16_ticks]
+
+    def perf_counter(self) -> float:
+        if self.reads % 2:  # an end read: the matmul between it and the start read took its dtype's time
+            self.now += self.durations[self.reads // 2 % 2]
+        self.reads += 1
+        return self.now
+
+
+@pytest.mark.parametrize("bf16_ticks, speedup, matmuls", [(0.2, 5.0, 19), (1 / 1.2, 1.2, 19), (50.0, 0.02, 2)])
+def test_the_bf16_probe_measures_19_calls_but_stops_at_the_second_on_emulated_bf16(monkeypatch, bf16_ticks, speedup,
+                                                                                     matmuls):
+    from vpn_dist import trainer
+
+    clock = ScriptedClock(bf16_ticks)
+    monkeypatch.setattr(trainer, "time", clock)
+    assert trainer.cpu_bf16_speedup.__wrapped__() == pytest.approx(speedup)
+    assert clock.reads == 4 * matmuls  # two reads per matmul, one fp32 and one bf16 matmul per call
+
+
 @pytest.mark.slow
 def test_compiled_training_step_trains_as_the_eager_one(synthetic_dir, tmp_path):
     eager = train(synthetic_dir, tmp_path / "eager", base="sr")
