@@ -58,15 +58,26 @@ def test_the_effect_of_m_is_judged_against_m1_on_the_same_seeds(tmp_path):
             or line.startswith("| 8 | -")}
     assert rows["| 2"][1] == "+0.00 [-0.25, +0.25] (3)"
     # Holm over 2 equivalence tests: m = 8's p is ~1, so m = 2's 0.0312 doubles past 0.05: not shown equivalent
-    assert rows["| 2"][4] == "inconclusive" and rows["| 2"][7] == "faster |"
-    assert rows["| 8"][1].startswith("-2.00") and rows["| 8"][4] == "different"
-    assert rows["| 8"][7] == "no difference detected |"
+    assert rows["| 2"][5] == "inconclusive" and rows["| 2"][8] == "faster |"
+    assert rows["| 8"][1].startswith("-2.00") and rows["| 8"][5] == "different"
+    assert rows["| 8"][8] == "no difference detected |"
+    # sd 0.1 against ±0.22: (t(.95, 3) + t(.90, 3))·0.1/√4 = (2.353 + 1.638)·0.05 = 0.200 <= 0.22, and 3 seeds give
+    # (2.920 + 1.886)·0.1/√3 = 0.277: 4 seeds
+    assert rows["| 2"][4] == rows["| 8"][4] == "4"
     # every m against the m = 1 grid's baselines: m = 1 minus baseline per seed 1.0, 0.5, 1.0
     m1_row = "| 1 | `m1` | 3 | 88.50 ± 0.50 (3) | 88.50 ± 0.50 (3) | +0.83 [+0.12, +1.55] (3) | 10.0 min | 4,000 |"
     assert m1_row in text
 
     figure3.draw(grids, tmp_path / "figure3.png")
     assert (tmp_path / "figure3.png").stat().st_size > 10_000
+
+
+def test_the_seeds_an_equivalence_test_needs_by_hand():
+    # sd equal to the margin: 10 seeds give (t(.95, 9) + t(.90, 9))/√10 = (1.833 + 1.383)/3.162 = 1.017 > 1,
+    # 11 give (1.812 + 1.372)/3.317 = 0.960
+    assert figure3.seeds_for_equivalence(0.22, 0.22) == 11
+    assert figure3.seeds_for_equivalence(0.44, 0.22) > figure3.seeds_for_equivalence(0.22, 0.22)  # ~4x as many
+    assert figure3.seeds_for_equivalence(0.0, 0.22) is None  # no spread: nothing to size
 
 
 def test_a_grid_given_as_the_wrong_m_is_refused_naming_it(tmp_path):
@@ -84,4 +95,4 @@ def test_seeds_that_all_differ_by_the_same_nonzero_amount_are_not_called_faster(
     grids = {m: figure3.load(m, folder) for m, folder in folders.items()}
     assert figure3.equivalence_p(figure3.final_accuracy(grids[2]), figure3.final_accuracy(grids[1]), 0.22) is None
     row = next(line for line in figure3.report(grids, folders).splitlines() if line.startswith("| 2 | +"))
-    assert row == "| 2 | +0.10 (2) | - | - | inconclusive | +0.10 (2) | - | - |"
+    assert row == "| 2 | +0.10 (2) | - | - | - | inconclusive | +0.10 (2) | - | - |"

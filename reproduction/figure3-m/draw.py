@@ -21,7 +21,7 @@ from scipy import stats
 from vpn_dist.observe import save_figure, write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
 from vpn_dist.reproduce.report import FINISHED, FULL_TEST, difference_cell, p_with_holm, read_csv, summary
-from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, holm, paired_differences
+from vpn_dist.reproduce.stats import ALPHA, POWER, Comparison, compare, holm, paired_differences
 
 HERE = Path(__file__).resolve().parent
 REPRODUCTION = HERE.parent
@@ -101,6 +101,18 @@ def equivalence_p(row: dict[int, float], reference: dict[int, float], margin: fl
     return float(max(above, below))
 
 
+def seeds_for_equivalence(sd: float, margin: float, power: float = POWER) -> int | None:
+    """The seeds a TOST against ±margin needs to call a truly equal m "similar" with this `power`, given the paired
+    sd seen so far: the smallest n with (t(1 - ALPHA, n - 1) + t(1 - (1 - power) / 2, n - 1))·sd/√n <= margin (the
+    usual sample size of an equivalence test at a true difference of 0; Julious, Statistics in Medicine 2004)."""
+    if not sd > 0:
+        return None
+    n = 2
+    while (stats.t.ppf(1 - ALPHA, n - 1) + stats.t.ppf(1 - (1 - power) / 2, n - 1)) * sd / np.sqrt(n) > margin:
+        n += 1
+    return n
+
+
 def with_holm(comparisons: list[Comparison]) -> list[Comparison]:
     return [replace(c, p_holm=p) for c, p in zip(comparisons, holm([c.p for c in comparisons]))]
 
@@ -153,11 +165,13 @@ def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
         "", f"Δ baseline: paired by seed against the {BASE} baseline of `{folders[m1].name}` (no-noise rule), "
         "two-sided t interval.", "",
         f"## The paper's claims, against m = {m1} on the same seeds", "",
-        f"| m | final: Δ [95% CI] (n) | p (Holm) | p equivalent (Holm) | similar final accuracy? | "
-        f"early: Δ [95% CI] (n) | p (Holm) | faster convergence? |",
-        "|---|---|---|---|---|---|---|---|"]
+        f"| m | final: Δ [95% CI] (n) | p (Holm) | p equivalent (Holm) | seeds to show similar | "
+        f"similar final accuracy? | early: Δ [95% CI] (n) | p (Holm) | faster convergence? |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for m, f, pe, pe_holm, e in zip(others, final_diff, equivalent, equivalent_holm, early_diff):
+        seeds_needed = seeds_for_equivalence(f.sd, margin) if f.ci is not None else None  # no spread: no sizing
         lines.append(f"| {m} | {difference_cell(f)} | {p_with_holm(f.p, f.p_holm)} | {p_with_holm(pe, pe_holm)} | "
+                     f"{seeds_needed or '-'} | "
                      f"{final_verdict(f, pe_holm, margin)} | {difference_cell(e)} | {p_with_holm(e.p, e.p_holm)} | "
                      f"{speed_verdict(e)} |")
     lines += [
@@ -167,7 +181,10 @@ def report(grids: dict[int, dict], folders: dict[int, Path]) -> str:
         f"against ±{margin:.2f} points, the gain the paper claims for VPN in this cell (Table 1), as it gives no "
         "margin for \"similar\": a difference in m smaller than VPN's own effect. Verdict: **similar** if the "
         f"Holm-adjusted p equivalent < {ALPHA}; else "
-        f"**different** if the Holm-adjusted p < {ALPHA}; else **inconclusive**.",
+        f"**different** if the Holm-adjusted p < {ALPHA}; else **inconclusive**. **Seeds to show similar**: how many "
+        f"seeds a TOST at {ALPHA} against that margin needs to say \"similar\" with {POWER:.0%} power if m changes "
+        "nothing, at the spread of the paired differences seen here (Julious 2004; Holm across the m's asks a little "
+        "more).",
         f"- **early**: the mean of the per-epoch test accuracy (Algorithm 2, the fixed per-epoch test subset) over "
         f"epochs 1-{EARLY_EPOCHS}, m minus m = {m1}, paired by seed: a run that converges faster is higher there. "
         f"Verdict: **faster** (or slower) if the Holm-adjusted p < {ALPHA}, else **no difference detected**.",
