@@ -57,6 +57,7 @@ def test_metrics_record_where_and_in_what_precision_the_run_computed(joint_run):
     _, metrics = joint_run
     cpu = torch.device("cpu")
     assert device_name(cpu) not in ("", "unknown") and metrics["device"] == device_name(cpu)
+    assert metrics["device"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")  # AVX2 and AVX-512 differ
     assert metrics["precision"] == {"off": "fp32", "bf16": "bf16"}[resolve_amp("auto", cpu)]  # amp=auto, resolved
     assert metrics["flush_denormal"] == "on" and metrics["torch_version"] == torch.__version__
 

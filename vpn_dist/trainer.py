@@ -500,9 +500,14 @@ PROVENANCE = ("device", "torch_version", "precision", "flush_denormal")
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model: the same run can give other numbers on other hardware."""
+    """The GPU's name, or the CPU's model and the vector kernels torch picked on it: the same run can give other
+    numbers on other hardware, and two CPUs of one model name can sum in another order (AVX2 against AVX-512)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
