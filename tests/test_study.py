@@ -26,7 +26,7 @@ from polling import poll_until
 from vpn_dist.cli import main
 from vpn_dist.reproduce.report import read_csv
 from vpn_dist.study import report as study_report
-from vpn_dist.study.report import expected_best, expected_best_band
+from vpn_dist.study.report import doubling_gains, expected_best, expected_best_band
 from vpn_dist.study.spec import draw_params, load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,30 @@ def test_expected_best_matches_a_hand_computed_case_and_brute_force():
         brute = np.mean([max(draw) for draw in itertools.product(values, repeat=n)])
         assert expected_best(values)[n - 1] == pytest.approx(brute)
     assert len(expected_best(values, n_max=12)) == 12 and expected_best(values, 12)[-1] < 0.9
+
+
+def test_doubling_gains_and_the_more_trials_advice():
+    curve = expected_best([0.3, 0.1, 0.2])  # [0.2, 2.2/9, 7.2/27], as above
+    assert doubling_gains(curve, 3) == pytest.approx([7.2 / 27 - 0.2])  # 1 -> 3: integer halves
+    four = expected_best([0.80, 0.86, 0.88, 0.89])
+    assert doubling_gains(four, 4) == pytest.approx([four[3] - four[1], four[1] - four[0]])
+
+    curves = {"baseline": expected_best([0.90] * 4), "vpn": four}  # VPN behind by 100 * (0.90 - four[3]) points
+    gap, last = 100 * (four[3] - 0.90), 100 * (four[3] - four[1])
+    assert last < -gap  # so the ranking holds
+    (text, _) = study_report._more_trials_lines(curves, claimed=0.5, budget=4)
+    assert f"raised the expected best by +0.00 points (baseline) and {last:+.2f} (VPN)" in text
+    assert f"after +0.00 and {100 * (four[1] - four[0]):+.2f} over the doubling before it" in text
+    assert f"{-gap:.2f} points apart at 4 trials, more than the trailing VPN arm's last doubling" in text
+    assert f"puts VPN − baseline at {gap + last:+.2f} points on validation: short of the paper's +0.50" in text
+    (text, _) = study_report._more_trials_lines(curves, claimed=gap + last - 0.01, budget=4)
+    assert f"within reach, so add trials (`--resume --trials 8`)" in text
+    (text, _) = study_report._more_trials_lines(curves, claimed=0.5, budget=40)
+    assert "has not reached its 40 trials per arm yet" in text and "paper" not in text
+    swapped = study_report._more_trials_lines({"baseline": four, "vpn": curves["baseline"]}, None, 4)[0]
+    assert "more than the trailing baseline arm's" in swapped and "paper" not in swapped
+    close = {"baseline": expected_best([0.89] * 4), "vpn": four}  # within the VPN arm's last doubling
+    assert "the ranking on validation could change" in study_report._more_trials_lines(close, None, 4)[0]
 
 
 def test_bootstrap_band_is_ordered_bounded_and_reproducible():
@@ -262,6 +286,10 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
         assert (f"| {arm} | {len(values)} | {100 * curve[0]:.2f} [{100 * low[0]:.2f}, {100 * high[0]:.2f}] | "
                 f"") in text
     assert "below the baseline's at every budget 1..3" in text
+    common = [expected_best(values)[2] - expected_best(values)[0] for values in (baseline_values, vpn_values)]
+    assert (f"The last doubling of the budget (1 → 3 trials) raised the expected best by {100 * common[0]:+.2f} points "
+            f"(baseline) and {100 * common[1]:+.2f} (VPN). ") in text
+    assert "has not reached its 4 trials per arm yet" in text  # the baseline arm has 3 of 4
 
     # paired by seed: the t interval and the paired t-test computed directly, Holm over the two tests (x2 here)
     alg2 = 100 * (np.array([0.856, 0.849, 0.861]) - np.array([0.851, 0.847, 0.853]))

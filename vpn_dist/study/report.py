@@ -30,6 +30,7 @@ SEARCH_FINAL = ("completed", "early-stopped", "diverged")
 RERUN_FINAL = ("finished", "diverged")  # a winner that diverges at a fresh seed is a result, not a failure
 BOOTSTRAP_RESAMPLES = 1000
 SHOWN_BUDGETS = (1, 5, 10, 20, 40)
+ARM_NAMES = {"baseline": "baseline", "vpn": "VPN"}  # as prose names them
 
 
 # ---------------------------------------------------------------- rows
@@ -132,7 +133,7 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     reruns = sum(r["status"] == "finished" for r in seed_rows)
     lines += [f"Status: {status}; {reruns} of {len(ARMS) * len(study.rerun_seeds)} winner re-runs finished.", ""]
 
-    comparisons = _seed_comparisons(plan, base, seed_rows)
+    comparisons = _seed_comparisons(plan, seed_rows)
     lines += _verdict_section(comparisons, finished, plan)
     lines += _budget_section(study, plan, rows, seed_rows)
     lines += _spaces_section(study)
@@ -162,22 +163,27 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
-def _seed_comparisons(plan: Plan, base: str, seed_rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
+def _seed_comparisons(plan: Plan, seed_rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
     """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise (test accuracy
     in %), each with the paper's claimed gain for this data set and base; Holm across the two."""
     done = [r for r in seed_rows if r["status"] == "finished"]
     baseline = {r["seed"]: 100 * r["test_acc_no_noise"] for r in done if r["arm"] == "baseline"}
-    paper = paper_numbers()
-    paper_base = paper.get((1, plan.data_label, base, "baseline"))
     rules, found = [], []
     for rule, key, paper_row in (("Algorithm 2", "test_acc_alg2", "dnn3"),
                                  ("no noise", "test_acc_no_noise", "dnn3 (no noise)")):
         vpn = {r["seed"]: 100 * r[key] for r in done if r["arm"] == "vpn" and r[key] is not None}
-        paper_vpn = paper.get((1, plan.data_label, base, paper_row))
-        claimed = paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
         rules.append(rule)
-        found.append(compare(vpn, baseline, claimed))
+        found.append(compare(vpn, baseline, _paper_gain(plan, paper_row)))
     return list(zip(rules, judge(found)))
+
+
+def _paper_gain(plan: Plan, paper_row: str) -> float | None:
+    """The paper's Table 1 row (a DNN3 generator: "dnn3" by Algorithm 2, "dnn3 (no noise)") minus its baseline for
+    this data set and base, in points; None where the paper has no such cell."""
+    paper = paper_numbers()
+    paper_vpn = paper.get((1, plan.data_label, plan.base, paper_row))
+    paper_base = paper.get((1, plan.data_label, plan.base, "baseline"))
+    return paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
 
 
 def _which_is_better(c: Comparison) -> str:
@@ -289,7 +295,48 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
         f"The VPN arm's expected best is above the baseline's at {len(ahead)} of the budgets 1..{common} "
         f"({_ranges(ahead)})." if ahead else f"The VPN arm's expected best is below the baseline's at every budget "
                                              f"1..{common}."), ""]
-    return lines
+    return lines + _more_trials_lines(curves, _paper_gain(plan, "dnn3"), plan.trials)
+
+
+def doubling_gains(curve: np.ndarray, n: int) -> list[float]:
+    """How much the expected best rose over each doubling of the budget that ends at n: [E[n] - E[n/2],
+    E[n/2] - E[n/4], ...] while the smaller budget is at least 1 (integer halves)."""
+    gains = []
+    while n >= 2:
+        gains.append(float(curve[n - 1] - curve[n // 2 - 1]))
+        n //= 2
+    return gains
+
+
+def _more_trials_lines(curves: dict[str, np.ndarray], claimed: float | None, budget: int) -> list[str]:
+    """Would more trials change the answer? Each doubling of the budget adds less to the expected best than the one
+    before it as the curve flattens, so one more doubling is bounded by the last one: the trailing arm gains at most
+    that, the leading arm at least nothing."""
+    n = min(len(c) for c in curves.values())
+    if n < 2:
+        return []
+    gains = {arm: [100 * g for g in doubling_gains(curves[arm], n)] for arm in ARMS}
+    gap = 100 * (curves["vpn"][n - 1] - curves["baseline"][n - 1])
+    trailing = "baseline" if gap > 0 else "vpn"
+    text = (f"**More trials?** The last doubling of the budget ({n // 2} → {n} trials) raised the expected best by "
+            f"{gains['baseline'][0]:+.2f} points (baseline) and {gains['vpn'][0]:+.2f} (VPN)")
+    text += (f", after {gains['baseline'][1]:+.2f} and {gains['vpn'][1]:+.2f} over the doubling before it. "
+             if n >= 4 else ". ")
+    text += (f"The arms are {abs(gap):.2f} points apart at {n} trials, " + (
+        f"more than the trailing {ARM_NAMES[trailing]} arm's last doubling added: if the next adds no more, the "
+        f"ranking on validation holds." if gains[trailing][0] < abs(gap) else
+        f"within what the trailing {ARM_NAMES[trailing]} arm's last doubling added: the ranking on validation could "
+        f"change with more trials."))
+    if n < budget:
+        text += f" (The search has not reached its {budget} trials per arm yet.)"
+    elif claimed is not None:
+        reach = gap + gains["vpn"][0]
+        text += (f" Another doubling that gives VPN its last gain and the baseline none puts VPN − baseline at "
+                 f"{reach:+.2f} points on validation: " + (
+                     f"short of the paper's {claimed:+.2f}, so more trials would not reach the paper's gain."
+                     if reach < claimed else
+                     f"the paper's {claimed:+.2f} within reach, so add trials (`--resume --trials {2 * n}`)."))
+    return [text, ""]
 
 
 def _ranges(numbers: list[int]) -> str:
