@@ -92,15 +92,18 @@ def test_doubling_gains_and_the_more_trials_advice():
     assert f"raised the expected best by +0.00 points (baseline) and {last:+.2f} (VPN)" in text
     assert f"after +0.00 and {100 * (four[1] - four[0]):+.2f} over the doubling before it" in text
     assert f"{-gap:.2f} points apart at 4 trials, more than the trailing VPN arm's last doubling" in text
-    assert f"puts VPN − baseline at {gap + last:+.2f} points on validation: short of the paper's +0.50" in text
+    assert f"puts VPN − baseline at {gap + last:+.2f} points on validation, short of the paper's +0.50" in text
+    assert text.endswith("More trials would not change the answer.")
     (text, _) = study_report._more_trials_lines(curves, claimed=gap + last - 0.01, budget=4)
-    assert f"within reach, so add trials (`--resume --trials 8`)" in text
+    assert text.endswith("Whether VPN reaches the paper's gain needs more trials (`--resume --trials 8`).")
     (text, _) = study_report._more_trials_lines(curves, claimed=0.5, budget=40)
     assert "has not reached its 40 trials per arm yet" in text and "paper" not in text
     swapped = study_report._more_trials_lines({"baseline": four, "vpn": curves["baseline"]}, None, 4)[0]
     assert "more than the trailing baseline arm's" in swapped and "paper" not in swapped
     close = {"baseline": expected_best([0.89] * 4), "vpn": four}  # within the VPN arm's last doubling
-    assert "the ranking on validation could change" in study_report._more_trials_lines(close, None, 4)[0]
+    (text, _) = study_report._more_trials_lines(close, None, 4)
+    assert "the ranking on validation could change" in text
+    assert text.endswith("Whether the ranking holds needs more trials (`--resume --trials 8`).")
 
 
 def test_bootstrap_band_is_ordered_bounded_and_reproducible():
@@ -311,6 +314,49 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     assert "report in" in capsys.readouterr().out
 
 
+def test_rerun_groups_add_the_matched_baseline_only_where_the_winners_differ():
+    same = {"baseline": {"trial": 3}, "vpn": {"trial": 3}}
+    assert study_report.rerun_trials(same) == {"baseline": ("baseline", 3), "vpn": ("vpn", 3)}
+    apart = {"baseline": {"trial": 3}, "vpn": {"trial": 7}}
+    assert study_report.rerun_trials(apart)["matched"] == ("baseline", 7)  # the base alone at VPN's shared axes
+    assert study_report.rerun_trials({"vpn": {"trial": 7}})["matched"] == ("baseline", 7)
+
+
+def test_report_with_the_matched_baseline(tiny_synthetic_dir, tmp_path):
+    """The VPN winner is trial 0, the baseline's trial 2: the matched baseline (the baseline arm's trial 0 re-run)
+    gets a column, a third comparison in the Holm family, and the verdict's control sentence."""
+    from vpn_dist.reproduce.report import write_csv
+
+    out = tmp_path / "study"
+    _hand_made_study(out, write_spec(tmp_path / "spec.py", trials=4), tiny_synthetic_dir)
+    rows = read_csv(out / "trials.csv")
+    for row in rows:
+        if (row["arm"], row["trial"]) == ("vpn", 0):
+            row["val_acc"] = 0.84
+    write_csv(out / "trials.csv", rows, study_report.TRIAL_COLUMNS)
+    seeds = read_csv(out / "seeds.csv")
+    matched_test = [0.850, 0.846, 0.849]
+    seeds += [dict(seeds[0], arm="matched", seed=100 + k, winner_trial=0, test_acc=acc, test_acc_no_noise=acc)
+              for k, acc in enumerate(matched_test)]
+    write_csv(out / "seeds.csv", seeds, study_report.SEED_COLUMNS)
+    assert main(["study", "--out", str(out), "--report-only"]) == 0
+    text = (out / "report.md").read_text()
+
+    vpn, baseline = np.array([0.856, 0.849, 0.861]), np.array([0.851, 0.847, 0.853])
+    plain = np.array([0.850, 0.848, 0.852])
+    d = {"alg2": 100 * (vpn - baseline), "plain": 100 * (plain - baseline), "matched": 100 * (vpn - matched_test)}
+    p = {k: stats.ttest_1samp(v, 0).pvalue for k, v in d.items()}
+    smallest = min(p, key=p.get)
+    low, high = stats.t.interval(0.95, 2, loc=d["matched"].mean(), scale=stats.sem(d["matched"]))
+    assert "Status: baseline 3 of 4 trials finished, vpn 4 of 4 trials finished; 9 of 9 re-runs finished." in text
+    assert f"| {p[smallest]:.3g} ({min(1.0, 3 * p[smallest]):.3g}) |" in text  # Holm over three tests
+    assert f"| Algorithm 2 − matched baseline | {d['matched'].mean():+.2f} [{low:+.2f}, {high:+.2f}] (3) |" in text
+    assert "| seed | baseline | matched baseline | VPN (Algorithm 2) |" in text
+    assert f"| 100 | 85.10 | 85.00 | 85.60 | 85.00 | +0.50 | -0.10 | {d['matched'][0]:+.2f} |" in text
+    assert (f"(the baseline arm's trial 0), re-run with the same seeds: VPN − matched baseline "
+            f"**{d['matched'].mean():+.2f} points** (95% CI [{low:+.2f}, {high:+.2f}])") in text
+
+
 # ---------------------------------------------------------------- resuming (Tune replaced by a stand-in)
 
 
@@ -446,6 +492,31 @@ def test_a_killed_study_resumes_from_trials_csv_without_rerunning_finished_trial
     monkeypatch.setattr(study_cli.driver, "run_trials", fifth)
     assert main(["study", "--out", str(moved), "--resume", "--trials", "5"]) == 0
     assert [c["keys"] for c in fifth.calls][:2] == [["search/baseline/4"], ["search/vpn/4"]]
+
+
+def test_the_matched_baseline_runs_when_the_vpn_winner_is_another_trial(tiny_synthetic_dir, tmp_path, monkeypatch):
+    import vpn_dist.study as study_cli
+
+    spec = write_spec(tmp_path / "spec.py", trials=6)
+    lrs = {i: draw_params(load_study(str(spec)), "baseline", i)["train.lr"] for i in range(6)}
+    completing = sorted((lr, i) for i, lr in lrs.items() if lr > 0.003)  # FakeTune runs these to the end
+    assert len(completing) >= 2
+    (_, second), (_, best) = completing[-2:]
+    fake = FakeTune(diverge={f"search/vpn/{best}"})  # VPN's best trial blows up: its winner is another trial
+    monkeypatch.setattr(study_cli.driver, "run_trials", fake)
+    out = tmp_path / "study"
+    assert main(["study", "--spec", str(spec), "--data", str(tiny_synthetic_dir), "--out", str(out)]) == 0
+
+    groups = ("baseline", "matched", "vpn")
+    assert sorted(fake.calls[-1]["keys"]) == sorted(f"seeds/{g}/{seed}" for g in groups for seed in (100, 101, 102))
+    seeds = csv_rows(out / "seeds.csv")
+    assert [(r["arm"], int(r["winner_trial"])) for r in seeds] == \
+        [("baseline", best)] * 3 + [("vpn", second)] * 3 + [("matched", second)] * 3
+    for row in seeds:  # the stand-in's accuracy tells the base alone (no +0.01) at which lr
+        lr = lrs[best if row["arm"] == "baseline" else second]
+        expected = 0.5 + 10 * lr + (0.01 - 0.01 if row["arm"] == "vpn" else -0.02)
+        assert float(row["test_acc"]) == pytest.approx(expected)
+    assert "VPN − matched baseline" in (out / "report.md").read_text()
 
 
 def test_asha_rungs_replayed_from_finished_trials_judge_new_ones():

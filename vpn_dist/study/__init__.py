@@ -9,14 +9,15 @@ arm's winner re-run with fresh seeds, and a report with Dodge et al.'s expected-
 OUT/trials.csv    every search trial of both arms (the resume state: trial i's parameters are redrawn from the spec,
                   a row whose config id matches is finished)
 OUT/curves.csv    per-epoch validation accuracy of every search trial (ASHA's rungs are replayed from it)
-OUT/seeds.csv     each arm's winner re-run with the spec's rerun_seeds at full epochs
+OUT/seeds.csv     each arm's winner re-run with the spec's rerun_seeds at full epochs, and the matched baseline (the
+                  base alone at the VPN winner's optimizer, lr and weight decay) where the winners differ in those
 OUT/report.md, OUT/figures/expected_best.png, OUT/figures/sensitivity.png, OUT/study.json (the settings)
-OUT/runs/search/<arm>/<trial>-<config id>/, OUT/runs/seeds/<arm>/seed<k>-<config id>/   run directories
+OUT/runs/search/<arm>/<trial>-<config id>/, OUT/runs/seeds/<group>/seed<k>-<config id>/   run directories
 
 Phases, each resumable: the baseline arm's search, the VPN arm's search (each trial a Ray Tune trial that trains in its
-own process, ASHA on per-epoch validation accuracy, trials started in their order), then both winners' re-runs
-(no early stopping). The jobs live here (the command, the recorder), in spec (the spec, trial parameters and
-configs) and report (the CSV rows, the estimator, report.md and figures).
+own process, ASHA on per-epoch validation accuracy, trials started in their order), then the re-runs of both winners
+and of the matched baseline (no early stopping). The jobs live here (the command, the recorder), in spec (the spec,
+trial parameters and configs) and report (the CSV rows, the estimator, report.md and figures).
 """
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ class Results:
             if status != "pending":
                 self._print_trial(self.rows[(arm, n)])
         else:
-            row = report.seed_row(arm, n, self.winners[arm]["trial"], cid, summary, status, error)
+            row = report.seed_row(arm, n, self.rerun_from[arm][1], cid, summary, status, error)
             self.seed_rows[(arm, n)] = row
             shown = f"test {row['test_acc']:.4f}" if row["test_acc"] is not None else status
             print(f"study: re-run {arm:<8} seed {n}: {shown} ({row['epochs'] or 0} epochs, {status}, "
@@ -296,17 +297,19 @@ class Results:
 
     def rerun_winners(self, datasets: dict[str, dict[str, Any]], resources: TrialResources,
                       max_concurrent: int | None) -> str:
-        """Each arm's winner with every rerun seed at full epochs, no early stopping; "done" or "interrupted"."""
+        """Each arm's winner, and the matched baseline, with every rerun seed at full epochs, no early stopping;
+        "done" or "interrupted"."""
         self.winners = report.winners(list(self.rows.values()))
+        self.rerun_from = report.rerun_trials(self.winners)
         self.rerun_configs = {}
-        for arm, winner in self.winners.items():
-            params = draw_params(self.study, arm, winner["trial"])
+        for group, (arm, trial) in self.rerun_from.items():
+            params = draw_params(self.study, arm, trial)
             for seed in self.study.rerun_seeds:
                 cfg = trial_config(self.study, arm, params, seed=seed, run_dir=Path("/unset"), datasets=datasets,
                                    resources=self.plan.resources())
                 cid = config_id(cfg, self.plan.data_label)
-                cfg.out = str(self.out / "runs" / "seeds" / arm / f"seed{seed}-{cid}")
-                self.rerun_configs[(arm, seed)] = cfg
+                cfg.out = str(self.out / "runs" / "seeds" / group / f"seed{seed}-{cid}")
+                self.rerun_configs[(group, seed)] = cfg
         current = {key: config_id(cfg, self.plan.data_label) for key, cfg in self.rerun_configs.items()}
         stale = [key for key, row in self.seed_rows.items() if current.get(key) != row["config_id"]]
         for key in stale:  # the winner changed (more trials, or a trial rerun): its old re-runs no longer count
@@ -316,13 +319,16 @@ class Results:
             print(f"study: no re-runs for {', '.join(missing)}: no trial of that arm completed every epoch", flush=True)
         pending = [key for key in self.rerun_configs
                    if self.seed_rows.get(key, {}).get("status") not in report.RERUN_FINAL]
+        matched = (f"; matched baseline: baseline trial {self.rerun_from['matched'][1]}"
+                   if "matched" in self.rerun_from else "")
         print(f"study: winners: " + ", ".join(f"{arm} trial {w['trial']} (val {w['val_acc']:.4f})"
                                               for arm, w in self.winners.items())
-              + f"; {len(self.rerun_configs) - len(pending)} re-runs finished, {len(pending)} to run", flush=True)
+              + f"{matched}; {len(self.rerun_configs) - len(pending)} re-runs finished, {len(pending)} to run",
+              flush=True)
         self.save()
         if not pending:
             return "done"
-        keyed = {f"seeds/{arm}/{seed}": self.rerun_configs[(arm, seed)] for arm, seed in pending}
+        keyed = {f"seeds/{group}/{seed}": self.rerun_configs[(group, seed)] for group, seed in pending}
         trials = driver.run_trials(
             functools.partial(study_trial, configs=keyed), {}, self.out, resume=False,
             experiment=f"tune-seeds-{self._sessions()}", resources=resources, max_concurrent=max_concurrent,
@@ -336,7 +342,7 @@ class Results:
         write_csv(self.out / "trials.csv", rows, report.TRIAL_COLUMNS)
         write_csv(self.out / "curves.csv", [p for key in sorted(self.curves, key=lambda k: (ARMS.index(k[0]), k[1]))
                                             for p in self.curves[key]], report.CURVE_COLUMNS)
-        seeds = sorted(self.seed_rows.values(), key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+        seeds = sorted(self.seed_rows.values(), key=lambda r: (report.RERUNS.index(r["arm"]), r["seed"]))
         write_csv(self.out / "seeds.csv", seeds, report.SEED_COLUMNS)
         if report_too:
             report.write_report(self.out, self.study, self.plan, rows,

@@ -31,6 +31,8 @@ RERUN_FINAL = ("finished", "diverged")  # a winner that diverges at a fresh seed
 BOOTSTRAP_RESAMPLES = 1000
 SHOWN_BUDGETS = (1, 5, 10, 20, 40)
 ARM_NAMES = {"baseline": "baseline", "vpn": "VPN"}  # as prose names them
+# seeds.csv's groups: each arm's winner, and the control for hyperparameters (`rerun_trials`)
+RERUNS = ("baseline", "vpn", "matched")
 
 
 # ---------------------------------------------------------------- rows
@@ -83,6 +85,18 @@ def winners(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def rerun_trials(best: dict[str, dict[str, Any]]) -> dict[str, tuple[str, int]]:
+    """What each re-run group trains: the (arm, trial) whose parameters it takes. Each arm's winner; and, where the
+    VPN winner is another trial than the baseline's, `matched`: the baseline arm's trial with the VPN winner's
+    number, that is the base alone at the VPN winner's optimizer, learning rate and weight decay (the axes the arms
+    share). ASHA may have stopped that baseline trial early, so without it a VPN win could be the win of
+    hyperparameters only the VPN arm ran to the end, not of the noise."""
+    groups = {arm: (arm, row["trial"]) for arm, row in best.items()}
+    if "vpn" in best and best["vpn"]["trial"] != best.get("baseline", {}).get("trial"):
+        groups["matched"] = ("baseline", best["vpn"]["trial"])
+    return groups
+
+
 def selection_values(rows: list[dict[str, Any]], arm: str, num_classes: int) -> list[float]:
     """The validation accuracy each finished trial of `arm` ended with: a completed trial's on the whole val split,
     an early-stopped one's at the epoch ASHA stopped it; a diverged trial counts at chance (1/K), as what it left
@@ -130,18 +144,19 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
              f"val split); it continues with `--resume` and rewrites this report with `--report-only`.", "",
              study.description, ""]
     status = ", ".join(f"{arm} {len(finished[arm])} of {plan.trials} trials finished" for arm in ARMS)
+    groups = rerun_trials(winners(rows))
     reruns = sum(r["status"] == "finished" for r in seed_rows)
-    lines += [f"Status: {status}; {reruns} of {len(ARMS) * len(study.rerun_seeds)} winner re-runs finished.", ""]
+    lines += [f"Status: {status}; {reruns} of {max(len(groups), 2) * len(study.rerun_seeds)} re-runs finished.", ""]
 
-    comparisons = _seed_comparisons(plan, seed_rows)
-    lines += _verdict_section(comparisons, finished, plan)
+    comparisons = _seed_comparisons(plan, seed_rows, groups)
+    lines += _verdict_section(comparisons, groups, plan)
     lines += _budget_section(study, plan, rows, seed_rows)
     lines += _spaces_section(study)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     lines += _expected_best_section(figures, rows, plan)
     lines += _winners_section(rows)
-    lines += _seeds_section(study, seed_rows, comparisons)
+    lines += _seeds_section(study, seed_rows, comparisons, groups)
     if finished["vpn"]:
         draw_sensitivity(figures / "sensitivity.png", rows, plan)
         lines += ["## Sensitivity of the VPN arm", "",
@@ -155,26 +170,32 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
               "(training + evaluation, seconds), the config id (its run directory's suffix).",
               "- `curves.csv`: per-epoch validation accuracy and training loss of every search trial (what ASHA's "
               "rungs are replayed from on --resume).",
-              "- `seeds.csv`: the winners' re-runs, one row per arm and seed (test accuracy by the arm's rule: "
-              "Algorithm 2 for VPN, no noise for the baseline; both recorded).",
+              "- `seeds.csv`: the re-runs, one row per group (`baseline`, `vpn`: each arm's winner; `matched`: the "
+              "baseline at the VPN winner's hyperparameters) and seed (test accuracy by the group's rule: Algorithm 2 "
+              "for VPN, no noise for the others; both recorded).",
               "- `study.json`: the command's settings (spec, data, trials per arm).",
               f"- TensorBoard (HParams tab, both arms): `tensorboard --logdir {shown_path(out)}/runs/search`, "
               f"where the run directories are (not committed).", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
-def _seed_comparisons(plan: Plan, seed_rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
-    """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise (test accuracy
-    in %), each with the paper's claimed gain for this data set and base; Holm across the two."""
+def _seed_comparisons(plan: Plan, seed_rows: list[dict[str, Any]],
+                      groups: dict[str, tuple[str, int]]) -> list[tuple[str, Comparison]]:
+    """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise, and (where there
+    is one) by Algorithm 2 against the matched baseline (test accuracy in %), each with the paper's claimed gain for
+    this data set and base (the paper compares VPN and the baseline at the same settings); Holm across them."""
     done = [r for r in seed_rows if r["status"] == "finished"]
-    baseline = {r["seed"]: 100 * r["test_acc_no_noise"] for r in done if r["arm"] == "baseline"}
-    rules, found = [], []
-    for rule, key, paper_row in (("Algorithm 2", "test_acc_alg2", "dnn3"),
-                                 ("no noise", "test_acc_no_noise", "dnn3 (no noise)")):
-        vpn = {r["seed"]: 100 * r[key] for r in done if r["arm"] == "vpn" and r[key] is not None}
-        rules.append(rule)
-        found.append(compare(vpn, baseline, _paper_gain(plan, paper_row)))
-    return list(zip(rules, judge(found)))
+
+    def accuracies(group: str, key: str) -> dict[int, float]:
+        return {r["seed"]: 100 * r[key] for r in done if r["arm"] == group and r[key] is not None}
+
+    pairs = [("Algorithm 2", "test_acc_alg2", "baseline", "dnn3"),
+             ("no noise", "test_acc_no_noise", "baseline", "dnn3 (no noise)")]
+    if "matched" in groups:
+        pairs.append(("Algorithm 2 − matched baseline", "test_acc_alg2", "matched", "dnn3"))
+    found = [compare(accuracies("vpn", key), accuracies(against, "test_acc_no_noise"), _paper_gain(plan, paper_row))
+             for _, key, against, paper_row in pairs]
+    return list(zip([rule for rule, *_ in pairs], judge(found)))
 
 
 def _paper_gain(plan: Plan, paper_row: str) -> float | None:
@@ -186,28 +207,52 @@ def _paper_gain(plan: Plan, paper_row: str) -> float | None:
     return paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
 
 
-def _which_is_better(c: Comparison) -> str:
+def _which_is_better(c: Comparison, rule: str = "") -> str:
     """The study's own question, read from the two-sided paired test after Holm."""
     if c.p_holm is None:
         return "too few paired seeds"
     if c.p_holm >= ALPHA:
         return "no difference shown"
-    return "the tuned VPN is better" if c.mean > 0 else "the tuned baseline is better"
+    other = "the matched baseline" if "matched" in rule else "the tuned baseline"
+    return "the tuned VPN is better" if c.mean > 0 else f"{other} is better"
 
 
-def _verdict_section(comparisons, finished, plan: Plan) -> list[str]:
+def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan) -> list[str]:
     lines = ["## Verdict", ""]
     rule, alg2 = comparisons[0]
-    if alg2.ci is None:
+    if alg2.n < 2:
         lines += ["Not yet: the winners' re-runs have not finished (the verdict needs at least 2 paired seeds).", ""]
         return lines
     claim = ("" if alg2.verdict is None else f" Against the paper's claimed gain ({alg2.claimed_gain:+.2f}): "
              f"**{alg2.verdict}**.")
     lines += [f"With the same budget ({plan.trials} trials per arm, the same ASHA schedule, searcher, data, precision "
               f"and seeds), the VPN arm's winner minus the baseline arm's winner on the test split, over "
-              f"{alg2.n} fresh seeds: **{alg2.mean:+.2f} points** (Algorithm 2; 95% CI [{alg2.ci[0]:+.2f}, "
-              f"{alg2.ci[1]:+.2f}]): {_which_is_better(alg2)}.{claim}", ""]
+              f"{alg2.n} fresh seeds: **{alg2.mean:+.2f} points** (Algorithm 2; {_interval(alg2)}): "
+              f"{_which_is_better(alg2)}.{claim}", ""]
+    if "matched" not in groups:
+        trial = groups["vpn"][1]
+        lines += [f"Both winners are trial {trial}: the same optimizer, learning rate and weight decay, so the "
+                  f"comparison is already one at matched hyperparameters.", ""]
+        return lines
+    matched_rule, matched = comparisons[-1]
+    trial = groups["matched"][1]
+    control = (f"The control for hyperparameters: the base alone at the VPN winner's optimizer, learning rate and "
+               f"weight decay (the baseline arm's trial {trial}), re-run with the same seeds")
+    if matched.n < 2:
+        lines += [control + ": not yet run.", ""]
+        return lines
+    reading = {"the tuned VPN is better": "the VPN winner beats it too, so its gain is not its hyperparameters' alone",
+               "no difference shown": "no difference shown, so the winners' gap may come from the hyperparameters, "
+                                      "not from the noise"}.get(_which_is_better(matched, matched_rule),
+                                                     "the matched baseline is better: the noise costs accuracy at "
+                                                     "these hyperparameters")
+    lines += [f"{control}: VPN − matched baseline **{matched.mean:+.2f} points** ({_interval(matched)}): {reading}.",
+              ""]
     return lines
+
+
+def _interval(c: Comparison) -> str:
+    return "the same on every seed" if c.ci is None else f"95% CI [{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"
 
 
 def _budget_section(study: Study, plan: Plan, rows: list[dict[str, Any]], seed_rows: list[dict[str, Any]]) -> list[str]:
@@ -322,20 +367,24 @@ def _more_trials_lines(curves: dict[str, np.ndarray], claimed: float | None, bud
             f"{gains['baseline'][0]:+.2f} points (baseline) and {gains['vpn'][0]:+.2f} (VPN)")
     text += (f", after {gains['baseline'][1]:+.2f} and {gains['vpn'][1]:+.2f} over the doubling before it. "
              if n >= 4 else ". ")
+    ranking_open = gains[trailing][0] >= abs(gap)
     text += (f"The arms are {abs(gap):.2f} points apart at {n} trials, " + (
-        f"more than the trailing {ARM_NAMES[trailing]} arm's last doubling added: if the next adds no more, the "
-        f"ranking on validation holds." if gains[trailing][0] < abs(gap) else
         f"within what the trailing {ARM_NAMES[trailing]} arm's last doubling added: the ranking on validation could "
-        f"change with more trials."))
+        f"change with more trials." if ranking_open else
+        f"more than the trailing {ARM_NAMES[trailing]} arm's last doubling added: if the next adds no more, the "
+        f"ranking on validation holds."))
     if n < budget:
-        text += f" (The search has not reached its {budget} trials per arm yet.)"
-    elif claimed is not None:
+        return [text + f" (The search has not reached its {budget} trials per arm yet.)", ""]
+    open_questions = ["the ranking holds"] if ranking_open else []
+    if claimed is not None:
         reach = gap + gains["vpn"][0]
         text += (f" Another doubling that gives VPN its last gain and the baseline none puts VPN − baseline at "
-                 f"{reach:+.2f} points on validation: " + (
-                     f"short of the paper's {claimed:+.2f}, so more trials would not reach the paper's gain."
-                     if reach < claimed else
-                     f"the paper's {claimed:+.2f} within reach, so add trials (`--resume --trials {2 * n}`)."))
+                 f"{reach:+.2f} points on validation, {'short of' if reach < claimed else 'reaching'} the paper's "
+                 f"{claimed:+.2f}.")
+        if reach >= claimed:
+            open_questions.append("VPN reaches the paper's gain")
+    text += (f" Whether {' and '.join(open_questions)} needs more trials (`--resume --trials {2 * n}`)."
+             if open_questions else " More trials would not change the answer.")
     return [text, ""]
 
 
@@ -364,36 +413,45 @@ def _winners_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons) -> list[str]:
+def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons,
+                   groups: dict[str, tuple[str, int]]) -> list[str]:
     done = {(r["arm"], r["seed"]): r for r in seed_rows if r["status"] == "finished"}
     status = {(r["arm"], r["seed"]): r["status"] for r in seed_rows}
+    matched = "matched" in groups
     lines = [f"## The winners on the test split, {len(study.rerun_seeds)} fresh seeds", "",
              "Each arm's winner trained again at full epochs with seeds no search trial used; the same seed in both "
-             "arms means the same initial base weights and data order (test accuracy in %).", "",
-             "| seed | baseline | VPN (Algorithm 2) | VPN (no noise) | Δ Algorithm 2 | Δ no noise |",
-             "|---|---|---|---|---|---|"]
+             "arms means the same initial base weights and data order (test accuracy in %)."
+             + (f" The matched baseline: the base alone at the VPN winner's optimizer, learning rate and weight decay "
+                f"(the baseline arm's trial {groups['matched'][1]}), with the same seeds." if matched else ""), "",
+             "| seed | baseline | " + ("matched baseline | " if matched else "") + "VPN (Algorithm 2) | VPN (no noise) "
+             "| Δ Algorithm 2 | Δ no noise |" + (" Δ Algorithm 2 − matched |" if matched else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if matched else "")]
     for seed in study.rerun_seeds:
-        b, v = done.get(("baseline", seed)), done.get(("vpn", seed))
-        cells = [_pct(b and b["test_acc_no_noise"]) or status.get(("baseline", seed), ""),
-                 _pct(v and v["test_acc_alg2"]) or status.get(("vpn", seed), ""), _pct(v and v["test_acc_no_noise"])]
-        deltas = [f"{100 * (v[k] - b['test_acc_no_noise']):+.2f}" if b and v else ""
+        b, v, c = done.get(("baseline", seed)), done.get(("vpn", seed)), done.get(("matched", seed))
+        cells = [_pct(b and b["test_acc_no_noise"]) or status.get(("baseline", seed), "")]
+        if matched:
+            cells.append(_pct(c and c["test_acc_no_noise"]) or status.get(("matched", seed), ""))
+        cells += [_pct(v and v["test_acc_alg2"]) or status.get(("vpn", seed), ""), _pct(v and v["test_acc_no_noise"])]
+        cells += [f"{100 * (v[k] - b['test_acc_no_noise']):+.2f}" if b and v else ""
                   for k in ("test_acc_alg2", "test_acc_no_noise")]
-        lines.append(f"| {seed} | " + " | ".join(cells + deltas) + " |")
-    lines += ["", "| VPN − baseline | Δ [95% CI] (n) | p (Holm) | tuned VPN vs tuned baseline | the paper's gain | "
+        if matched:
+            cells.append(f"{100 * (v['test_acc_alg2'] - c['test_acc_no_noise']):+.2f}" if c and v else "")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "| VPN − baseline | Δ [95% CI] (n) | p (Holm) | which is better | the paper's gain | "
                   "p_excl (Holm) | MDE | verdict on the paper's gain |", "|---|---|---|---|---|---|---|---|"]
     for rule, c in comparisons:
         if c.n == 0:
             lines.append(f"| {rule} | (no paired seeds yet) | | | | | | |")
             continue
         cells = comparison_cells(c, no_gain="—")
-        cells.insert(2, _which_is_better(c))
+        cells.insert(2, _which_is_better(c, rule))
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed, in accuracy points (`vpn_dist/reproduce/stats.py`, as every reproduction report): "
-                  "the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
-                  "table's two tests; the paper's gain, its Table 1 row minus its baseline for this data set and base "
-                  "(— where the paper has no such cell); p_excl, the one-sided test of \"our gain ≥ the paper's\", "
-                  "Holm-adjusted; MDE, the smallest true difference these seeds detect with 80% power; the verdict: "
-                  "excluded, reproduced or inconclusive (docs/reproduction.md).", ""]
+                  f"the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
+                  f"table's {len(comparisons)} tests; the paper's gain, its Table 1 row minus its baseline for this "
+                  "data set and base (— where the paper has no such cell); p_excl, the one-sided test of \"our gain ≥ "
+                  "the paper's\", Holm-adjusted; MDE, the smallest true difference these seeds detect with 80% power; "
+                  "the verdict: excluded, reproduced or inconclusive (docs/reproduction.md).", ""]
     return lines
 
 
