@@ -353,7 +353,8 @@ def test_report_with_the_matched_baseline(tiny_synthetic_dir, tmp_path):
     assert f"| Algorithm 2 − matched baseline | {d['matched'].mean():+.2f} [{low:+.2f}, {high:+.2f}] (3) |" in text
     assert "| seed | baseline | matched baseline | VPN (Algorithm 2) |" in text
     assert f"| 100 | 85.10 | 85.00 | 85.60 | 85.00 | +0.50 | -0.10 | {d['matched'][0]:+.2f} |" in text
-    assert (f"(the baseline arm's trial 0), re-run with the same seeds: VPN − matched baseline "
+    assert (f"(the baseline arm's trial 0, which completed the search with validation accuracy 80.00), re-run with the "
+            f"same seeds: VPN − matched baseline "
             f"**{d['matched'].mean():+.2f} points** (95% CI [{low:+.2f}, {high:+.2f}])") in text
 
 

@@ -149,7 +149,7 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     lines += [f"Status: {status}; {reruns} of {max(len(groups), 2) * len(study.rerun_seeds)} re-runs finished.", ""]
 
     comparisons = _seed_comparisons(plan, seed_rows, groups)
-    lines += _verdict_section(comparisons, groups, plan)
+    lines += _verdict_section(comparisons, groups, plan, rows)
     lines += _budget_section(study, plan, rows, seed_rows)
     lines += _spaces_section(study)
     figures = out / "figures"
@@ -217,7 +217,8 @@ def _which_is_better(c: Comparison, rule: str = "") -> str:
     return "the tuned VPN is better" if c.mean > 0 else f"{other} is better"
 
 
-def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan) -> list[str]:
+def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan,
+                     rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Verdict", ""]
     rule, alg2 = comparisons[0]
     if alg2.n < 2:
@@ -237,7 +238,8 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
     matched_rule, matched = comparisons[-1]
     trial = groups["matched"][1]
     control = (f"The control for hyperparameters: the base alone at the VPN winner's optimizer, learning rate and "
-               f"weight decay (the baseline arm's trial {trial}), re-run with the same seeds")
+               f"weight decay (the baseline arm's trial {trial}{_how_the_search_ended(rows, trial)}), re-run with the "
+               f"same seeds")
     if matched.n < 2:
         lines += [control + ": not yet run.", ""]
         return lines
@@ -249,6 +251,19 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
     lines += [f"{control}: VPN − matched baseline **{matched.mean:+.2f} points** ({_interval(matched)}): {reading}.",
               ""]
     return lines
+
+
+def _how_the_search_ended(rows: list[dict[str, Any]], trial: int) -> str:
+    """How the baseline arm's trial `trial` ended in the search, as a clause: why its winner was another trial."""
+    row = next((r for r in rows if r["arm"] == "baseline" and r["trial"] == trial), None)
+    if row is None or row["status"] not in SEARCH_FINAL:
+        return ", not finished in the search"
+    if row["status"] == "diverged":
+        return ", which diverged in the search"
+    val = f"validation accuracy {100 * row['val_acc']:.2f}" if row["val_acc"] is not None else "no validation accuracy"
+    if row["status"] == "early-stopped":
+        return f", which ASHA stopped at epoch {row['epochs']} with {val}"
+    return f", which completed the search with {val}"
 
 
 def _interval(c: Comparison) -> str:
