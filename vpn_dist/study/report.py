@@ -180,10 +180,11 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
 
 
 def _seed_comparisons(plan: Plan, seed_rows: list[dict[str, Any]],
-                      groups: dict[str, tuple[str, int]]) -> list[tuple[str, Comparison]]:
+                      groups: dict[str, tuple[str, int]]) -> list[tuple[str, str, Comparison]]:
     """The VPN winner against the baseline winner, paired by seed, by Algorithm 2 and with no noise, and (where there
     is one) by Algorithm 2 against the matched baseline (test accuracy in %), each with the paper's claimed gain for
-    this data set and base (the paper compares VPN and the baseline at the same settings); Holm across them."""
+    this data set and base (the paper compares VPN and the baseline at the same settings); Holm across them. Each
+    as (the row's name, the group VPN is compared with, the comparison)."""
     done = [r for r in seed_rows if r["status"] == "finished"]
 
     def accuracies(group: str, key: str) -> dict[int, float]:
@@ -195,7 +196,7 @@ def _seed_comparisons(plan: Plan, seed_rows: list[dict[str, Any]],
         pairs.append(("Algorithm 2 − matched baseline", "test_acc_alg2", "matched", "dnn3"))
     found = [compare(accuracies("vpn", key), accuracies(against, "test_acc_no_noise"), _paper_gain(plan, paper_row))
              for _, key, against, paper_row in pairs]
-    return list(zip([rule for rule, *_ in pairs], judge(found)))
+    return [(rule, against, c) for (rule, _, against, _), c in zip(pairs, judge(found))]
 
 
 def _paper_gain(plan: Plan, paper_row: str) -> float | None:
@@ -207,20 +208,21 @@ def _paper_gain(plan: Plan, paper_row: str) -> float | None:
     return paper_vpn - paper_base if paper_vpn is not None and paper_base is not None else None
 
 
-def _which_is_better(c: Comparison, rule: str = "") -> str:
+def _which_is_better(c: Comparison, against: str = "baseline") -> str:
     """The study's own question, read from the two-sided paired test after Holm."""
     if c.p_holm is None:
         return "too few paired seeds"
     if c.p_holm >= ALPHA:
         return "no difference shown"
-    other = "the matched baseline" if "matched" in rule else "the tuned baseline"
-    return "the tuned VPN is better" if c.mean > 0 else f"{other} is better"
+    if c.mean > 0:
+        return "the tuned VPN is better"
+    return "the tuned baseline is better" if against == "baseline" else "the matched baseline is better"
 
 
 def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan,
                      rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Verdict", ""]
-    rule, alg2 = comparisons[0]
+    _, _, alg2 = comparisons[0]
     if alg2.n < 2:
         lines += ["Not yet: the winners' re-runs have not finished (the verdict needs at least 2 paired seeds).", ""]
         return lines
@@ -235,7 +237,7 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
         lines += [f"Both winners are trial {trial}: the same optimizer, learning rate and weight decay, so the "
                   f"comparison is already one at matched hyperparameters.", ""]
         return lines
-    matched_rule, matched = comparisons[-1]
+    _, _, matched = comparisons[-1]
     trial = groups["matched"][1]
     control = (f"The control for hyperparameters: the base alone at the VPN winner's optimizer, learning rate and "
                f"weight decay (the baseline arm's trial {trial}{_how_the_search_ended(rows, trial)}), re-run with the "
@@ -243,11 +245,12 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
     if matched.n < 2:
         lines += [control + ": not yet run.", ""]
         return lines
-    reading = {"the tuned VPN is better": "the VPN winner beats it too, so its gain is not its hyperparameters' alone",
-               "no difference shown": "no difference shown, so the winners' gap may come from the hyperparameters, "
-                                      "not from the noise"}.get(_which_is_better(matched, matched_rule),
-                                                     "the matched baseline is better: the noise costs accuracy at "
-                                                     "these hyperparameters")
+    if matched.p_holm is None or matched.p_holm >= ALPHA:
+        reading = "no difference shown, so the winners' gap may come from the hyperparameters, not from the noise"
+    elif matched.mean > 0:
+        reading = "the VPN winner beats it too, so its gain is not its hyperparameters' alone"
+    else:
+        reading = "the matched baseline is better: the noise costs accuracy at these hyperparameters"
     lines += [f"{control}: VPN − matched baseline **{matched.mean:+.2f} points** ({_interval(matched)}): {reading}.",
               ""]
     return lines
@@ -454,12 +457,12 @@ def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons,
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += ["", "| VPN − baseline | Δ [95% CI] (n) | p (Holm) | which is better | the paper's gain | "
                   "p_excl (Holm) | MDE | verdict on the paper's gain |", "|---|---|---|---|---|---|---|---|"]
-    for rule, c in comparisons:
+    for rule, against, c in comparisons:
         if c.n == 0:
             lines.append(f"| {rule} | (no paired seeds yet) | | | | | | |")
             continue
         cells = comparison_cells(c, no_gain="—")
-        cells.insert(2, _which_is_better(c, rule))
+        cells.insert(2, _which_is_better(c, against))
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed, in accuracy points (`vpn_dist/reproduce/stats.py`, as every reproduction report): "
                   f"the t interval of the mean difference; p, the two-sided paired t-test, Holm-adjusted over this "
