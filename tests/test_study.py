@@ -307,6 +307,11 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     assert f"**{alg2.mean():+.2f} points** (Algorithm 2; 95% CI [{low:+.2f}, {high:+.2f}]): no difference shown." \
         in text
     assert "| 100 | 85.10 | 85.60 | 85.00 | +0.50 | -0.10 |" in text
+    # trial numbers completed in both arms (0 and 2): VPN against the base alone at the same shared settings
+    assert "| 0 | sgd lr 0.01 wd 0.0005 | 80.00 | 82.00 | γ 0.0025 m 2 norm C 3 init authors | +2.00 |" in text
+    assert "| 2 | sgd lr 0.01 wd 0.0005 | 85.00 | 83.00 | γ 0 m 2 none init authors | -2.00 |" in text
+    half = stats.t.ppf(0.975, 1) * np.std([2.0, -2.0], ddof=1) / np.sqrt(2)
+    assert f"VPN − baseline over these trials: +0.00 [{-half:+.2f}, {half:+.2f}] (2)" in text
     assert "Precision: `train.amp=off` in both arms. fp32, on purpose" in text
     assert f"Command: `vpn-dist study --spec {tmp_path / 'spec.py'} --data DATA/synthetic --out" in text
     for figure in ("expected_best.png", "sensitivity.png"):

@@ -14,7 +14,7 @@ import numpy as np
 
 from vpn_dist.observe import write_text_atomic
 from vpn_dist.reproduce.grid import paper_numbers
-from vpn_dist.reproduce.report import comparison_cells, save_report_figure
+from vpn_dist.reproduce.report import comparison_cells, difference_cell, save_report_figure
 from vpn_dist.reproduce.stats import ALPHA, Comparison, compare, judge
 from vpn_dist.study.spec import ARMS, Plan, Study, describe, shown_path
 
@@ -156,6 +156,7 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     figures.mkdir(parents=True, exist_ok=True)
     lines += _expected_best_section(figures, rows, plan)
     lines += _winners_section(rows)
+    lines += _same_trial_section(rows)
     lines += _seeds_section(study, seed_rows, comparisons, groups)
     if finished["vpn"]:
         draw_sensitivity(figures / "sensitivity.png", rows, plan)
@@ -429,6 +430,31 @@ def _winners_section(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {arm} | {row['trial']} | {row['seed']} | {100 * row['val_acc']:.2f} | "
                      f"{format_params(row)} |")
     return lines + [""]
+
+
+def _same_trial_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Every trial number that completed in both arms: the same optimizer, learning rate, weight decay and seed, VPN
+    adding its own axes, so VPN − baseline on validation at many shared settings rather than at the one the winners
+    happen to differ in."""
+    done = {(r["arm"], r["trial"]): r for r in rows if r["status"] == "completed" and r["val_acc"] is not None}
+    both = sorted(n for arm, n in done if arm == "vpn" and ("baseline", n) in done)
+    lines = ["## VPN against the baseline at the same hyperparameters (validation)", ""]
+    if not both:
+        return lines + ["No trial number completed in both arms yet.", ""]
+    lines += ["Trial i of both arms shares its optimizer, learning rate, weight decay and seed, so each trial number "
+              "that both arms ran to the end compares VPN (with its own γ, m, bound and init) and the base alone at "
+              "the same settings. Validation accuracy in %; a description, not one of the report's tests: ASHA let "
+              "through only trials that did well in their own arm.", "",
+              "| trial | shared | baseline | VPN | VPN's own axes | Δ |", "|---|---|---|---|---|---|"]
+    for n in both:
+        b, v = done[("baseline", n)], done[("vpn", n)]
+        own = format_params(v).removeprefix(format_params(b)).strip()
+        lines.append(f"| {n} | {format_params(b)} | {100 * b['val_acc']:.2f} | {100 * v['val_acc']:.2f} | {own} | "
+                     f"{100 * (v['val_acc'] - b['val_acc']):+.2f} |")
+    c = compare({n: 100 * done[("vpn", n)]["val_acc"] for n in both},
+                {n: 100 * done[("baseline", n)]["val_acc"] for n in both})
+    return lines + ["", f"VPN − baseline over these trials: {difference_cell(c)} (the mean, its 95% t interval and n)."
+                    if c.n else "", ""]
 
 
 def _seeds_section(study: Study, seed_rows: list[dict[str, Any]], comparisons,
