@@ -544,6 +544,32 @@ def test_asha_rungs_replayed_from_finished_trials_judge_new_ones():
         assert actions == expected
 
 
+def test_a_trial_resumed_from_its_checkpoint_reports_the_epochs_it_holds_first(tiny_synthetic_dir, tmp_path,
+                                                                              monkeypatch):
+    """ASHA judges a trial at its first report past each rung: a resumed trial must report its rung epochs again."""
+    import ray.tune
+
+    from vpn_dist.config import from_dict
+    from vpn_dist.launch import train
+    from vpn_dist.run_dir import RunDir
+    from vpn_dist.sweep import driver
+
+    cfg = from_dict({"out": str(tmp_path / "run"), "data.path": str(tiny_synthetic_dir), "model.base": "sr",
+                     "model.generator": "none", "vpn.mode": "baseline", "train.epochs": 3, "train.batch_size": 100,
+                     "train.keep_checkpoints": 2, "data.num_workers": 1})
+    train(cfg)
+    run_dir = RunDir(cfg.out)
+    trained = run_dir.read_metrics()["history"]
+    shutil.rmtree(run_dir.checkpoint(3))  # as if killed during epoch 3: the newest checkpoint is epoch 2's
+    run_dir.metrics.unlink()
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: reports.append(metrics))
+    driver.train_in_trial(cfg)
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert [r["val_acc"] for r in reports[:2]] == [h["val_acc"] for h in trained[:2]]  # replayed, not retrained
+    assert json.loads(run_dir.attempts.read_text().splitlines()[-1])["start_epoch"] == 2
+
+
 # ---------------------------------------------------------------- end to end (slow)
 
 

@@ -222,16 +222,25 @@ def train_in_trial(cfg: RunConfig) -> None:
     """Run one vpn-dist run as the current Tune trial: its per-epoch reports reach Tune. One worker trains here, in
     the trial's process (what `run_trials` reserved for it); more are a Ray Train run this trial drives. A run whose
     metrics.json already has all its epochs (the sweep was interrupted after it finished) replays them instead of
-    retraining; one with a checkpoint resumes from it."""
-    from ray import tune
-
+    retraining; one with a checkpoint first replays the epochs it holds, then resumes from it: ASHA judges a trial
+    once per rung, at its first report past the rung, so a resumed trial that skipped its rung's epoch would be judged
+    later in its schedule, on a better accuracy than the other trials were."""
     from vpn_dist.launch import train
     from vpn_dist.run_dir import RunDir
 
     run_dir = RunDir(cfg.out)
     done = run_dir.read_metrics() or {}
     if done.get("epochs_completed", 0) >= cfg.train.epochs:
-        for epoch_metrics in done.get("history", []):
-            tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        _report_again(done.get("history", []))
         return
-    train(cfg, resume=run_dir.has_readable_checkpoint(), in_tune_trial=True)
+    found = run_dir.latest_state()
+    if found is not None:
+        _report_again(found[0].history)
+    train(cfg, resume=found is not None, in_tune_trial=True)
+
+
+def _report_again(history: list[dict[str, Any]]) -> None:
+    from ray import tune
+
+    for epoch_metrics in history:
+        tune.report({k: v for k, v in epoch_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
