@@ -319,6 +319,34 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     assert "report in" in capsys.readouterr().out
 
 
+def test_asha_rungs_are_ray_asha_schedulers_milestones():
+    from ray.tune.schedulers import ASHAScheduler
+
+    for grace, reduction, epochs in ((5, 3, 40), (1, 2, 3), (1, 3, 9), (2, 4, 100), (5, 3, 5)):
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=epochs, grace_period=grace,
+                                  reduction_factor=reduction)
+        milestones = sorted(m for m, _ in scheduler._brackets[0]._rungs if m < epochs)
+        assert study_report.asha_rungs(grace, reduction, epochs) == milestones
+    assert study_report.asha_rungs(5, 3, 40) == [5, 15]
+
+
+def test_the_rungs_section_counts_the_trials_within_one_and_two_standard_errors_of_each_rungs_best():
+    study = SimpleNamespace(fixed={"train.epoch_eval_images": 100}, grace_period=1, reduction_factor=2)
+    plan = SimpleNamespace(epochs=3)  # rungs at epochs 1 and 2
+    ends = {0: ("completed", 3), 1: ("completed", 3), 2: ("early-stopped", 1), 3: ("early-stopped", 1)}
+    rows = [{"arm": "baseline", "trial": n, "status": status, "epochs": epochs} for n, (status, epochs) in ends.items()]
+    at_epoch = {1: {0: 0.90, 1: 0.88, 2: 0.85, 3: 0.80}, 2: {0: 0.91, 1: 0.92}}
+    curves = [{"arm": "baseline", "trial": n, "epoch": epoch, "val_acc": value}
+              for epoch, values in at_epoch.items() for n, value in values.items()]
+    lines = study_report._rungs_section(study, plan, rows, curves)
+    # epoch 1: SE √(0.9 · 0.1 / 100) = 3 points; 88 is within one, 85 (stopped) within two, 80 (stopped) neither
+    assert "| baseline | 1 | 4 | 90.00 | 3.00 | 2 (0) | 3 (1) |" in lines
+    assert f"| baseline | 2 | 2 | 92.00 | {100 * np.sqrt(0.92 * 0.08 / 100):.2f} | 2 (0) | 2 (0) |" in lines
+    assert not any(line.startswith("| vpn |") for line in lines)  # no VPN trial reached a rung
+    study.fixed["train.epoch_eval_images"] = 0  # the whole val split, of a size the report does not know
+    assert study_report._rungs_section(study, plan, rows, curves) == []
+
+
 def test_rerun_groups_add_the_matched_baseline_only_where_the_winners_differ():
     same = {"baseline": {"trial": 3}, "vpn": {"trial": 3}}
     assert study_report.rerun_trials(same) == {"baseline": ("baseline", 3), "vpn": ("vpn", 3)}

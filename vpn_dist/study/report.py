@@ -156,6 +156,7 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     figures.mkdir(parents=True, exist_ok=True)
     lines += _expected_best_section(figures, rows, plan)
     lines += _winners_section(rows)
+    lines += _rungs_section(study, plan, rows, curves)
     lines += _same_trial_section(rows)
     lines += _seeds_section(study, seed_rows, comparisons, groups)
     if finished["vpn"]:
@@ -429,6 +430,52 @@ def _winners_section(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(f"| {arm} | {row['trial']} | {row['seed']} | {100 * row['val_acc']:.2f} | "
                      f"{format_params(row)} |")
+    return lines + [""]
+
+
+def asha_rungs(grace_period: int, reduction_factor: int, max_epochs: int) -> list[int]:
+    """The epochs at which ASHA (one bracket, as Ray's ASHAScheduler) compares trials and stops the worse ones."""
+    rungs, epoch = [], grace_period
+    while epoch < max_epochs:
+        rungs.append(epoch)
+        epoch *= reduction_factor
+    return rungs
+
+
+def _rungs_section(study: Study, plan: Plan, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> list[str]:
+    """How many trials each rung had to tell apart within the sampling error of the accuracy it judged them on: where
+    the leaders are that close, which of them went on is partly luck, and a winner's edge over a stopped trial may be
+    the rung's rather than the method's."""
+    images = study.fixed.get("train.epoch_eval_images")
+    rungs = asha_rungs(min(study.grace_period, plan.epochs), study.reduction_factor, plan.epochs)
+    if not rungs or not isinstance(images, int) or images <= 0:
+        return []  # the per-epoch subset's size is the machine's choice: no standard error to state
+    at = {(p["arm"], p["trial"], p["epoch"]): p["val_acc"] for p in curves}
+    stopped = {(r["arm"], r["trial"], r["epochs"]) for r in rows if r["status"] == "early-stopped"}
+    lines = ["## How finely ASHA's rungs could rank", "",
+             f"ASHA compared trials at epochs {', '.join(map(str, rungs))} on the validation accuracy of a fixed "
+             f"{images}-image subset of the val split (`train.epoch_eval_images`). Its standard error at the rung's "
+             f"best accuracy p is √(p(1 − p)/{images}), the binomial error of one trial's estimate (two trials judged on "
+             "the same images differ by less noise than two independent estimates, but not by none). Trials within one "
+             "standard error of the best were not told apart by the measurement, those within two only weakly: which "
+             "of them went on was partly the luck of the subset, of the epoch and of the order they arrived in (ASHA "
+             "judges a trial against those that reached the rung before it).", "",
+             "| arm | rung (epoch) | trials judged | best | standard error | within 1 SE of the best (stopped there) | "
+             "within 2 SE (stopped there) |", "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        for rung in rungs:
+            judged = {r["trial"]: at[(arm, r["trial"], rung)] for r in rows
+                      if r["arm"] == arm and r["status"] in SEARCH_FINAL and (arm, r["trial"], rung) in at}
+            if not judged:
+                continue
+            best = max(judged.values())
+            error = math.sqrt(best * (1 - best) / images)
+            cells = []
+            for k in (1, 2):
+                close = [n for n, value in judged.items() if value >= best - k * error]
+                cells.append(f"{len(close)} ({sum((arm, n, rung) in stopped for n in close)})")
+            lines.append(f"| {arm} | {rung} | {len(judged)} | {100 * best:.2f} | {100 * error:.2f} | "
+                         + " | ".join(cells) + " |")
     return lines + [""]
 
 
