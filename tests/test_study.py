@@ -334,8 +334,9 @@ def test_the_rungs_section_counts_the_trials_within_one_and_two_standard_errors_
     study = SimpleNamespace(fixed={"train.epoch_eval_images": 100}, grace_period=1, reduction_factor=2)
     plan = SimpleNamespace(epochs=3)  # rungs at epochs 1 and 2
     ends = {0: ("completed", 3), 1: ("completed", 3), 2: ("early-stopped", 1), 3: ("early-stopped", 1)}
-    rows = [{"arm": "baseline", "trial": n, "status": status, "epochs": epochs} for n, (status, epochs) in ends.items()]
     at_epoch = {1: {0: 0.90, 1: 0.88, 2: 0.85, 3: 0.80}, 2: {0: 0.91, 1: 0.92}}
+    rows = [{"arm": "baseline", "trial": n, "status": status, "epochs": epochs, "val_acc": at_epoch[min(epochs, 2)][n]}
+            for n, (status, epochs) in ends.items()]
     curves = [{"arm": "baseline", "trial": n, "epoch": epoch, "val_acc": value}
               for epoch, values in at_epoch.items() for n, value in values.items()]
     lines = study_report._rungs_section(study, plan, rows, curves)
@@ -343,6 +344,10 @@ def test_the_rungs_section_counts_the_trials_within_one_and_two_standard_errors_
     assert "| baseline | 1 | 4 | 90.00 | 3.00 | 2 (0) | 3 (1) |" in lines
     assert f"| baseline | 2 | 2 | 92.00 | {100 * np.sqrt(0.92 * 0.08 / 100):.2f} | 2 (0) | 2 (0) |" in lines
     assert not any(line.startswith("| vpn |") for line in lines)  # no VPN trial reached a rung
+    # the verdict's account of a stopped baseline trial (the matched baseline's) places it among its rung's
+    assert study_report._how_the_search_ended(study, rows, curves, 2) == (
+        ", which ASHA stopped at epoch 1 with validation accuracy 85.00, 5.00 points (1.7 standard errors) behind the "
+        "best trial there")
     study.fixed["train.epoch_eval_images"] = 0  # the whole val split, of a size the report does not know
     assert study_report._rungs_section(study, plan, rows, curves) == []
 

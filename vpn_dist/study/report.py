@@ -149,7 +149,7 @@ def write_report(out: Path, study: Study, plan: Plan, rows: list[dict[str, Any]]
     lines += [f"Status: {status}; {reruns} of {max(len(groups), 2) * len(study.rerun_seeds)} re-runs finished.", ""]
 
     comparisons = _seed_comparisons(plan, seed_rows, groups)
-    lines += _verdict_section(comparisons, groups, plan, rows)
+    lines += _verdict_section(comparisons, groups, study, plan, rows, curves)
     lines += _budget_section(study, plan, rows, seed_rows)
     lines += _spaces_section(study)
     figures = out / "figures"
@@ -221,8 +221,8 @@ def _which_is_better(c: Comparison, against: str = "baseline") -> str:
     return "the tuned baseline is better" if against == "baseline" else "the matched baseline is better"
 
 
-def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan,
-                     rows: list[dict[str, Any]]) -> list[str]:
+def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], study: Study, plan: Plan,
+                     rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> list[str]:
     lines = ["## Verdict", ""]
     _, _, alg2 = comparisons[0]
     if alg2.n < 2:
@@ -241,9 +241,9 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
         return lines
     _, _, matched = comparisons[-1]
     trial = groups["matched"][1]
+    ended = _how_the_search_ended(study, rows, curves, trial)
     control = (f"The control for hyperparameters: the base alone at the VPN winner's optimizer, learning rate and "
-               f"weight decay (the baseline arm's trial {trial}{_how_the_search_ended(rows, trial)}), re-run with the "
-               f"same seeds")
+               f"weight decay (the baseline arm's trial {trial}{ended}), re-run with the same seeds")
     if matched.n < 2:
         lines += [control + ": not yet run.", ""]
         return lines
@@ -258,7 +258,7 @@ def _verdict_section(comparisons, groups: dict[str, tuple[str, int]], plan: Plan
     return lines
 
 
-def _how_the_search_ended(rows: list[dict[str, Any]], trial: int) -> str:
+def _how_the_search_ended(study: Study, rows: list[dict[str, Any]], curves: list[dict[str, Any]], trial: int) -> str:
     """How the baseline arm's trial `trial` ended in the search, as a clause: why its winner was another trial."""
     row = next((r for r in rows if r["arm"] == "baseline" and r["trial"] == trial), None)
     if row is None or row["status"] not in SEARCH_FINAL:
@@ -267,7 +267,14 @@ def _how_the_search_ended(rows: list[dict[str, Any]], trial: int) -> str:
         return ", which diverged in the search"
     val = f"validation accuracy {100 * row['val_acc']:.2f}" if row["val_acc"] is not None else "no validation accuracy"
     if row["status"] == "early-stopped":
-        return f", which ASHA stopped at epoch {row['epochs']} with {val}"
+        ended = f", which ASHA stopped at epoch {row['epochs']} with {val}"
+        images, judged = subset_images(study), rung_accuracies(rows, curves, "baseline", row["epochs"])
+        if images and judged and row["val_acc"] is not None:
+            best = max(judged.values())
+            gap = best - row["val_acc"]
+            ended += (f", {100 * gap:.2f} points ({gap / subset_error(best, images):.1f} standard errors) behind the "
+                      f"best trial there")
+        return ended
     return f", which completed the search with {val}"
 
 
@@ -442,34 +449,51 @@ def asha_rungs(grace_period: int, reduction_factor: int, max_epochs: int) -> lis
     return rungs
 
 
+def subset_images(study: Study) -> int | None:
+    """The size of the per-epoch validation subset ASHA judges on, where the spec fixes it (0 or null: the machine's
+    or the data's choice, unknown to the report)."""
+    images = study.fixed.get("train.epoch_eval_images")
+    return images if isinstance(images, int) and images > 0 else None
+
+
+def subset_error(accuracy: float, images: int) -> float:
+    """The binomial standard error of an accuracy measured on `images` images."""
+    return math.sqrt(accuracy * (1 - accuracy) / images)
+
+
+def rung_accuracies(rows: list[dict[str, Any]], curves: list[dict[str, Any]], arm: str, epoch: int) -> dict[int, float]:
+    """Each finished trial of `arm` that reached `epoch`: its per-epoch validation accuracy there, what ASHA judged."""
+    finished = {r["trial"] for r in rows if r["arm"] == arm and r["status"] in SEARCH_FINAL}
+    return {p["trial"]: p["val_acc"] for p in curves
+            if p["arm"] == arm and p["epoch"] == epoch and p["trial"] in finished}
+
+
 def _rungs_section(study: Study, plan: Plan, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> list[str]:
     """How many trials each rung had to tell apart within the sampling error of the accuracy it judged them on: where
     the leaders are that close, which of them went on is partly luck, and a winner's edge over a stopped trial may be
     the rung's rather than the method's."""
-    images = study.fixed.get("train.epoch_eval_images")
+    images = subset_images(study)
     rungs = asha_rungs(min(study.grace_period, plan.epochs), study.reduction_factor, plan.epochs)
-    if not rungs or not isinstance(images, int) or images <= 0:
-        return []  # the per-epoch subset's size is the machine's choice: no standard error to state
-    at = {(p["arm"], p["trial"], p["epoch"]): p["val_acc"] for p in curves}
+    if not rungs or images is None:
+        return []
     stopped = {(r["arm"], r["trial"], r["epochs"]) for r in rows if r["status"] == "early-stopped"}
     lines = ["## How finely ASHA's rungs could rank", "",
              f"ASHA compared trials at epochs {', '.join(map(str, rungs))} on the validation accuracy of a fixed "
              f"{images}-image subset of the val split (`train.epoch_eval_images`). Its standard error at the rung's "
-             f"best accuracy p is √(p(1 − p)/{images}), the binomial error of one trial's estimate (two trials judged on "
-             "the same images differ by less noise than two independent estimates, but not by none). Trials within one "
-             "standard error of the best were not told apart by the measurement, those within two only weakly: which "
-             "of them went on was partly the luck of the subset, of the epoch and of the order they arrived in (ASHA "
-             "judges a trial against those that reached the rung before it).", "",
+             f"best accuracy p is √(p(1 − p)/{images}), the binomial error of one trial's estimate (two trials "
+             "judged on the same images differ by less noise than two independent estimates, but not by none). Trials "
+             "within one standard error of the best were not told apart by the measurement, those within two only "
+             "weakly: which of them went on was partly the luck of the subset, of the epoch and of the order they "
+             "arrived in (ASHA judges a trial against those that reached the rung before it).", "",
              "| arm | rung (epoch) | trials judged | best | standard error | within 1 SE of the best (stopped there) | "
              "within 2 SE (stopped there) |", "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         for rung in rungs:
-            judged = {r["trial"]: at[(arm, r["trial"], rung)] for r in rows
-                      if r["arm"] == arm and r["status"] in SEARCH_FINAL and (arm, r["trial"], rung) in at}
+            judged = rung_accuracies(rows, curves, arm, rung)
             if not judged:
                 continue
             best = max(judged.values())
-            error = math.sqrt(best * (1 - best) / images)
+            error = subset_error(best, images)
             cells = []
             for k in (1, 2):
                 close = [n for n, value in judged.items() if value >= best - k * error]
