@@ -293,6 +293,14 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     assert (f"The last doubling of the budget (1 → 3 trials) raised the expected best by {100 * common[0]:+.2f} points "
             f"(baseline) and {100 * common[1]:+.2f} (VPN). ") in text
     assert "has not reached its 4 trials per arm yet" in text  # the baseline arm has 3 of 4
+    # the same compute: mean trial cost 3900 s (VPN) and 2800 s (baseline, the errored trial not a draw), so n VPN
+    # trials buy floor(n · 39/28) baseline trials: 1 -> 1, 2 -> 2, 3 -> 4 (more than the 3 the baseline ran)
+    assert ("A trial cost 1.083 trial-hours on average in the VPN arm and 0.778 in the baseline arm (1.4×)") in text
+    vpn_curve, baseline_curve = expected_best(vpn_values), expected_best(baseline_values)
+    for n in (1, 2):
+        assert (f"| {n} | {n * 3900 / 3600:.2f} | {n} | {100 * vpn_curve[n - 1]:.2f} | "
+                f"{100 * baseline_curve[n - 1]:.2f} | {100 * (vpn_curve[n - 1] - baseline_curve[n - 1]):+.2f} |") in text
+    assert "| 3 | 3.25 |" not in text and "budgets n = 1..2 (beyond" in text
 
     # paired by seed: the t interval and the paired t-test computed directly, Holm over the two tests (x2 here)
     alg2 = 100 * (np.array([0.856, 0.849, 0.861]) - np.array([0.851, 0.847, 0.853]))
@@ -350,6 +358,14 @@ def test_the_rungs_section_counts_the_trials_within_one_and_two_standard_errors_
         "best trial there")
     study.fixed["train.epoch_eval_images"] = 0  # the whole val split, of a size the report does not know
     assert study_report._rungs_section(study, plan, rows, curves) == []
+
+
+def test_same_compute_budgets_give_the_baseline_the_trials_that_cost_no_more():
+    budgets = study_report.same_compute_budgets({"vpn": 1.0, "baseline": 0.25}, n_vpn=40, n_baseline=40)
+    assert budgets == [(n, 4 * n) for n in range(1, 11)]  # 4x the cost: 10 VPN trials buy the 40 baseline ones
+    assert study_report.same_compute_budgets({"vpn": 0.3, "baseline": 0.1}, 5, 40)[-1] == (5, 15)  # no float floor
+    assert study_report.same_compute_budgets({"vpn": 1.0, "baseline": 2.0}, 4, 40) == [(2, 1), (3, 1), (4, 2)]
+    assert study_report.same_compute_budgets({"vpn": None, "baseline": 0.25}, 40, 40) == []
 
 
 def test_rerun_groups_add_the_matched_baseline_only_where_the_winners_differ():

@@ -342,7 +342,8 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
     values = {arm: selection_values(rows, arm, plan.num_classes) for arm in ARMS}
     if not all(values.values()):
         return ["## Expected best validation accuracy", "", "Not yet: an arm has no finished trial.", ""]
-    draw_expected_best(figures / "expected_best.png", values)
+    hours = {arm: hours_per_trial(rows, arm) for arm in ARMS}
+    draw_expected_best(figures / "expected_best.png", values, hours)
     most = max(len(v) for v in values.values())
     budgets = sorted({n for n in SHOWN_BUDGETS if n < most} | {most})
     lines = ["## Expected best validation accuracy against the number of trials", "",
@@ -367,7 +368,7 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
         f"The VPN arm's expected best is above the baseline's at {len(ahead)} of the budgets 1..{common} "
         f"({_ranges(ahead)})." if ahead else f"The VPN arm's expected best is below the baseline's at every budget "
                                              f"1..{common}."), ""]
-    return lines + _more_trials_lines(curves, _paper_gain(plan, "dnn3"), plan.trials)
+    return lines + _more_trials_lines(curves, _paper_gain(plan, "dnn3"), plan.trials) + _same_compute_lines(curves, hours)
 
 
 def doubling_gains(curve: np.ndarray, n: int) -> list[float]:
@@ -413,6 +414,45 @@ def _more_trials_lines(curves: dict[str, np.ndarray], claimed: float | None, bud
     text += (f" Whether {' and '.join(open_questions)} needs more trials (`--resume --trials {2 * n}`)."
              if open_questions else " More trials would not change the answer.")
     return [text, ""]
+
+
+def hours_per_trial(rows: list[dict[str, Any]], arm: str) -> float | None:
+    """An arm's mean trial cost in this search (trial-hours, ASHA's stops included): what one more draw costs."""
+    times = [r["wall_time_s"] for r in rows if r["arm"] == arm and r["status"] in SEARCH_FINAL
+             and r["wall_time_s"] is not None]
+    return sum(times) / len(times) / 3600 if times else None
+
+
+def same_compute_budgets(hours: dict[str, float | None], n_vpn: int, n_baseline: int) -> list[tuple[int, int]]:
+    """(n, k): the most baseline trials, k, that cost no more than n VPN trials, for every n where the search ran
+    at least k baseline trials."""
+    if not hours["vpn"] or not hours["baseline"]:
+        return []
+    ratio = hours["vpn"] / hours["baseline"]
+    pairs = [(n, math.floor(n * ratio + 1e-9)) for n in range(1, n_vpn + 1)]
+    return [(n, k) for n, k in pairs if 1 <= k <= n_baseline]
+
+
+def _same_compute_lines(curves: dict[str, np.ndarray], hours: dict[str, float | None]) -> list[str]:
+    """Dodge et al.'s other budget: compute. A VPN trial costs more than a baseline one (m samples per image, the
+    generator), so the same hours buy the baseline more draws."""
+    pairs = same_compute_budgets(hours, len(curves["vpn"]), len(curves["baseline"]))
+    if not pairs:
+        return []
+    shown = sorted({(n, k) for n, k in pairs if n in SHOWN_BUDGETS} | {pairs[-1]})
+    lines = [f"**The same compute.** A trial cost {hours['vpn']:.3f} trial-hours on average in the VPN arm and "
+             f"{hours['baseline']:.3f} in the baseline arm ({hours['vpn'] / hours['baseline']:.1f}×), so what n VPN "
+             f"trials cost buys the baseline more of them: k, the most that cost no more (up to the "
+             f"{len(curves['baseline'])} the search ran). Expected best validation accuracy in %:", "",
+             "| VPN trials (n) | trial-hours | baseline trials (k) | VPN, n trials | baseline, k trials | VPN − baseline |",
+             "|---|---|---|---|---|---|"]
+    for n, k in shown:
+        vpn, baseline = 100 * curves["vpn"][n - 1], 100 * curves["baseline"][k - 1]
+        lines.append(f"| {n} | {n * hours['vpn']:.2f} | {k} | {vpn:.2f} | {baseline:.2f} | {vpn - baseline:+.2f} |")
+    ahead = sum(curves["vpn"][n - 1] > curves["baseline"][k - 1] for n, k in pairs)
+    return lines + ["", f"At the same compute the VPN arm's expected best is above the baseline's at {ahead} of the "
+                        f"{len(pairs)} budgets n = 1..{pairs[-1][0]} (beyond, the baseline arm would need more trials "
+                        f"than it ran).", ""]
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -588,29 +628,36 @@ def format_params(row: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- figures
 
 
-def draw_expected_best(path: Path, values: dict[str, list[float]]) -> None:
+def draw_expected_best(path: Path, values: dict[str, list[float]], hours: dict[str, float | None]) -> None:
+    """Expected best against the number of trials and, where the trials' costs are known, against trial-hours."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for arm, color in zip(ARMS, ("C0", "C3")):
-        curve = expected_best(values[arm])
-        low, high = expected_best_band(values[arm])
-        n = np.arange(1, len(curve) + 1)
-        ax.plot(n, 100 * curve, color=color, label=f"{arm} ({len(values[arm])} trials)")
-        ax.fill_between(n, 100 * low, 100 * high, color=color, alpha=0.2)
-    ax.set_xlabel("trials (budget n)")
-    ax.set_ylabel("expected best validation accuracy (%)")
-    ax.set_xscale("log")
+    by_hours = all(hours.values())
+    fig, axes = plt.subplots(1, 2 if by_hours else 1, figsize=(12, 4.2) if by_hours else (6.5, 4.2), squeeze=False)
     most = max(len(v) for v in values.values())
-    ax.set_xticks([n for n in (1, 2, 3, 5, 10, 20, 40, 80, 160) if n < most] + [most])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_title("Expected best of n trials, 95% bootstrap band")
-    ax.legend(loc="lower right")
+    for panel, ax in enumerate(axes[0]):
+        for arm, color in zip(ARMS, ("C0", "C3")):
+            curve = expected_best(values[arm])
+            low, high = expected_best_band(values[arm])
+            n = np.arange(1, len(curve) + 1) * (hours[arm] if panel else 1)
+            ax.plot(n, 100 * curve, color=color, label=f"{arm} ({len(values[arm])} trials)")
+            ax.fill_between(n, 100 * low, 100 * high, color=color, alpha=0.2)
+        ax.set_ylabel("expected best validation accuracy (%)")
+        ax.set_xscale("log")
+        if panel:
+            ax.set_xlabel("trial-hours (n × the arm's mean trial cost)")
+            ax.set_title("The same, against compute")
+        else:
+            ax.set_xlabel("trials (budget n)")
+            ax.set_xticks([n for n in (1, 2, 3, 5, 10, 20, 40, 80, 160) if n < most] + [most])
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_title("Expected best of n trials, 95% bootstrap band")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     save_report_figure(fig, path)
     plt.close(fig)
