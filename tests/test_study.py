@@ -297,9 +297,14 @@ def test_report_from_hand_made_csv_files(tiny_synthetic_dir, tmp_path, capsys):
     # trials buy floor(n · 39/28) baseline trials: 1 -> 1, 2 -> 2, 3 -> 4 (more than the 3 the baseline ran)
     assert ("A trial cost 1.083 trial-hours on average in the VPN arm and 0.778 in the baseline arm (1.4×)") in text
     vpn_curve, baseline_curve = expected_best(vpn_values), expected_best(baseline_values)
+    resampled = {"baseline": study_report.bootstrap_expected_best(baseline_values, seed=0),
+                 "vpn": study_report.bootstrap_expected_best(vpn_values, seed=1)}
     for n in (1, 2):
+        low, high = 100 * np.quantile(resampled["vpn"][:, n - 1] - resampled["baseline"][:, n - 1], (0.025, 0.975))
+        assert low < 100 * (vpn_curve[n - 1] - baseline_curve[n - 1]) < high
         assert (f"| {n} | {n * 3900 / 3600:.2f} | {n} | {100 * vpn_curve[n - 1]:.2f} | "
-                f"{100 * baseline_curve[n - 1]:.2f} | {100 * (vpn_curve[n - 1] - baseline_curve[n - 1]):+.2f} |") in text
+                f"{100 * baseline_curve[n - 1]:.2f} | {100 * (vpn_curve[n - 1] - baseline_curve[n - 1]):+.2f} "
+                f"[{low:+.2f}, {high:+.2f}] |") in text
     assert "| 3 | 3.25 |" not in text and "budgets n = 1..2 (beyond" in text
 
     # paired by seed: the t interval and the paired t-test computed directly, Holm over the two tests (x2 here)

@@ -122,13 +122,19 @@ def expected_best(values: list[float], n_max: int | None = None) -> np.ndarray:
     return ((i / big_n) ** n - ((i - 1) / big_n) ** n) @ v
 
 
-def expected_best_band(values: list[float], n_max: int | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
-                       level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A percentile bootstrap band for expected_best: the N trials resampled with replacement `resamples` times,
-    the curve recomputed on each resample, its (1 - level)/2 and (1 + level)/2 quantiles at every n."""
+def bootstrap_expected_best(values: list[float], n_max: int | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = 0) -> np.ndarray:
+    """expected_best of each of `resamples` bootstrap resamples of the N trials (drawn with replacement), one row each."""
     values = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
-    curves = np.stack([expected_best(rng.choice(values, size=len(values)), n_max) for _ in range(resamples)])
+    return np.stack([expected_best(rng.choice(values, size=len(values)), n_max) for _ in range(resamples)])
+
+
+def expected_best_band(values: list[float], n_max: int | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A percentile bootstrap band for expected_best: its (1 - level)/2 and (1 + level)/2 quantiles at every n over
+    the bootstrap resamples."""
+    curves = bootstrap_expected_best(values, n_max, resamples, seed)
     return np.quantile(curves, (1 - level) / 2, axis=0), np.quantile(curves, (1 + level) / 2, axis=0)
 
 
@@ -368,7 +374,8 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
         f"The VPN arm's expected best is above the baseline's at {len(ahead)} of the budgets 1..{common} "
         f"({_ranges(ahead)})." if ahead else f"The VPN arm's expected best is below the baseline's at every budget "
                                              f"1..{common}."), ""]
-    return lines + _more_trials_lines(curves, _paper_gain(plan, "dnn3"), plan.trials) + _same_compute_lines(curves, hours)
+    return (lines + _more_trials_lines(curves, _paper_gain(plan, "dnn3"), plan.trials)
+            + _same_compute_lines(values, curves, hours))
 
 
 def doubling_gains(curve: np.ndarray, n: int) -> list[float]:
@@ -433,7 +440,8 @@ def same_compute_budgets(hours: dict[str, float | None], n_vpn: int, n_baseline:
     return [(n, k) for n, k in pairs if 1 <= k <= n_baseline]
 
 
-def _same_compute_lines(curves: dict[str, np.ndarray], hours: dict[str, float | None]) -> list[str]:
+def _same_compute_lines(values: dict[str, list[float]], curves: dict[str, np.ndarray],
+                        hours: dict[str, float | None]) -> list[str]:
     """Dodge et al.'s other budget: compute. A VPN trial costs more than a baseline one (m samples per image, the
     generator), so the same hours buy the baseline more draws."""
     pairs = same_compute_budgets(hours, len(curves["vpn"]), len(curves["baseline"]))
@@ -444,11 +452,15 @@ def _same_compute_lines(curves: dict[str, np.ndarray], hours: dict[str, float | 
              f"{hours['baseline']:.3f} in the baseline arm ({hours['vpn'] / hours['baseline']:.1f}×), so what n VPN "
              f"trials cost buys the baseline more of them: k, the most that cost no more (up to the "
              f"{len(curves['baseline'])} the search ran). Expected best validation accuracy in %:", "",
-             "| VPN trials (n) | trial-hours | baseline trials (k) | VPN, n trials | baseline, k trials | VPN − baseline |",
-             "|---|---|---|---|---|---|"]
+             "| VPN trials (n) | trial-hours | baseline trials (k) | VPN, n trials | baseline, k trials | "
+             "VPN − baseline [95% bootstrap] |", "|---|---|---|---|---|---|"]
+    # each arm resampled on its own (its own seed): the two searches are independent samples of trials
+    resampled = {arm: bootstrap_expected_best(values[arm], seed=seed) for seed, arm in enumerate(ARMS)}
     for n, k in shown:
         vpn, baseline = 100 * curves["vpn"][n - 1], 100 * curves["baseline"][k - 1]
-        lines.append(f"| {n} | {n * hours['vpn']:.2f} | {k} | {vpn:.2f} | {baseline:.2f} | {vpn - baseline:+.2f} |")
+        low, high = 100 * np.quantile(resampled["vpn"][:, n - 1] - resampled["baseline"][:, k - 1], (0.025, 0.975))
+        lines.append(f"| {n} | {n * hours['vpn']:.2f} | {k} | {vpn:.2f} | {baseline:.2f} | {vpn - baseline:+.2f} "
+                     f"[{low:+.2f}, {high:+.2f}] |")
     ahead = sum(curves["vpn"][n - 1] > curves["baseline"][k - 1] for n, k in pairs)
     return lines + ["", f"At the same compute the VPN arm's expected best is above the baseline's at {ahead} of the "
                         f"{len(pairs)} budgets n = 1..{pairs[-1][0]} (beyond, the baseline arm would need more trials "
