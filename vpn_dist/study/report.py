@@ -348,8 +348,10 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
     values = {arm: selection_values(rows, arm, plan.num_classes) for arm in ARMS}
     if not all(values.values()):
         return ["## Expected best validation accuracy", "", "Not yet: an arm has no finished trial.", ""]
+    curves = {arm: expected_best(values[arm]) for arm in ARMS}
+    bands = {arm: expected_best_band(values[arm]) for arm in ARMS}
     hours = {arm: hours_per_trial(rows, arm) for arm in ARMS}
-    draw_expected_best(figures / "expected_best.png", values, hours)
+    draw_expected_best(figures / "expected_best.png", curves, bands, hours)
     most = max(len(v) for v in values.values())
     budgets = sorted({n for n in SHOWN_BUDGETS if n < most} | {most})
     lines = ["## Expected best validation accuracy against the number of trials", "",
@@ -360,11 +362,8 @@ def _expected_best_section(figures: Path, rows: list[dict[str, Any]], plan: Plan
              f"{BOOTSTRAP_RESAMPLES} times). A trial enters with the validation accuracy it ended with (ASHA's stopped "
              "ones at their last epoch), a diverged one at chance (1/K).", "",
              "| arm | N | " + " | ".join(f"n = {n}" for n in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
-    curves = {}
     for arm in ARMS:
-        curve = expected_best(values[arm])
-        low, high = expected_best_band(values[arm])
-        curves[arm] = curve
+        curve, (low, high) = curves[arm], bands[arm]
         cells = [f"{100 * curve[n - 1]:.2f} [{100 * low[n - 1]:.2f}, {100 * high[n - 1]:.2f}]" if n <= len(curve)
                  else "" for n in budgets]
         lines.append(f"| {arm} | {len(values[arm])} | " + " | ".join(cells) + " |")
@@ -640,7 +639,8 @@ def format_params(row: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- figures
 
 
-def draw_expected_best(path: Path, values: dict[str, list[float]], hours: dict[str, float | None]) -> None:
+def draw_expected_best(path: Path, curves: dict[str, np.ndarray], bands: dict[str, tuple[np.ndarray, np.ndarray]],
+                       hours: dict[str, float | None]) -> None:
     """Expected best against the number of trials and, where the trials' costs are known, against trial-hours."""
     import matplotlib
     import matplotlib.ticker
@@ -650,13 +650,12 @@ def draw_expected_best(path: Path, values: dict[str, list[float]], hours: dict[s
 
     by_hours = all(hours.values())
     fig, axes = plt.subplots(1, 2 if by_hours else 1, figsize=(12, 4.2) if by_hours else (6.5, 4.2), squeeze=False)
-    most = max(len(v) for v in values.values())
+    most = max(len(c) for c in curves.values())
     for panel, ax in enumerate(axes[0]):
         for arm, color in zip(ARMS, ("C0", "C3")):
-            curve = expected_best(values[arm])
-            low, high = expected_best_band(values[arm])
+            curve, (low, high) = curves[arm], bands[arm]
             n = np.arange(1, len(curve) + 1) * (hours[arm] if panel else 1)
-            ax.plot(n, 100 * curve, color=color, label=f"{arm} ({len(values[arm])} trials)")
+            ax.plot(n, 100 * curve, color=color, label=f"{arm} ({len(curve)} trials)")
             ax.fill_between(n, 100 * low, 100 * high, color=color, alpha=0.2)
         ax.set_ylabel("expected best validation accuracy (%)")
         ax.set_xscale("log")
