@@ -361,6 +361,7 @@ def test_the_rungs_section_counts_the_trials_within_one_and_two_standard_errors_
     assert study_report._how_the_search_ended(study, rows, curves, 2) == (
         ", which ASHA stopped at epoch 1 with validation accuracy 85.00, 5.00 points (1.7 standard errors) behind the "
         "best trial there")
+    assert study_report._rungs_section(study, plan, rows, []) == []  # no trial reached a rung yet: no section
     study.fixed["train.epoch_eval_images"] = 0  # the whole val split, of a size the report does not know
     assert study_report._rungs_section(study, plan, rows, curves) == []
 

@@ -528,16 +528,7 @@ def _rungs_section(study: Study, plan: Plan, rows: list[dict[str, Any]], curves:
     if not rungs or images is None:
         return []
     stopped = {(r["arm"], r["trial"], r["epochs"]) for r in rows if r["status"] == "early-stopped"}
-    lines = ["## How finely ASHA's rungs could rank", "",
-             f"ASHA compared trials at epochs {', '.join(map(str, rungs))} on the validation accuracy of a fixed "
-             f"{images}-image subset of the val split (`train.epoch_eval_images`). Its standard error at the rung's "
-             f"best accuracy p is √(p(1 − p)/{images}), the binomial error of one trial's estimate (two trials "
-             "judged on the same images differ by less noise than two independent estimates, but not by none). Trials "
-             "within one standard error of the best were not told apart by the measurement, those within two only "
-             "weakly: which of them went on was partly the luck of the subset, of the epoch and of the order they "
-             "arrived in (ASHA judges a trial against those that reached the rung before it).", "",
-             "| arm | rung (epoch) | trials judged | best | standard error | within 1 SE of the best (stopped there) | "
-             "within 2 SE (stopped there) |", "|---|---|---|---|---|---|---|"]
+    table = []
     for arm in ARMS:
         for rung in rungs:
             judged = rung_accuracies(rows, curves, arm, rung)
@@ -549,9 +540,20 @@ def _rungs_section(study: Study, plan: Plan, rows: list[dict[str, Any]], curves:
             for k in (1, 2):
                 close = [n for n, value in judged.items() if value >= best - k * error]
                 cells.append(f"{len(close)} ({sum((arm, n, rung) in stopped for n in close)})")
-            lines.append(f"| {arm} | {rung} | {len(judged)} | {100 * best:.2f} | {100 * error:.2f} | "
+            table.append(f"| {arm} | {rung} | {len(judged)} | {100 * best:.2f} | {100 * error:.2f} | "
                          + " | ".join(cells) + " |")
-    return lines + [""]
+    if not table:
+        return []
+    return ["## How finely ASHA's rungs could rank", "",
+            f"ASHA compared trials at epochs {', '.join(map(str, rungs))} on the validation accuracy of a fixed "
+            f"{images}-image subset of the val split (`train.epoch_eval_images`). Its standard error at the rung's "
+            f"best accuracy p is √(p(1 − p)/{images}), the binomial error of one trial's estimate (two trials "
+            "judged on the same images differ by less noise than two independent estimates, but not by none). Trials "
+            "within one standard error of the best were not told apart by the measurement, those within two only "
+            "weakly: which of them went on was partly the luck of the subset, of the epoch and of the order they "
+            "arrived in (ASHA judges a trial against those that reached the rung before it).", "",
+            "| arm | rung (epoch) | trials judged | best | standard error | within 1 SE of the best (stopped there) | "
+            "within 2 SE (stopped there) |", "|---|---|---|---|---|---|---|", *table, ""]
 
 
 def _same_trial_section(rows: list[dict[str, Any]]) -> list[str]:
