@@ -657,7 +657,10 @@ def test_tiny_study_end_to_end_kill_and_resume(tiny_synthetic_dir, tmp_path):
         assert len(attempts) == 1 and json.loads(attempts[0])["reason"] == "start"
         assert not (run_dir / "checkpoints").exists() and (run_dir / "tb").is_dir()
     seeds = csv_rows(out / "seeds.csv")
-    assert len(seeds) == 4 and {r["status"] for r in seeds} == {"finished"}
+    groups = study_report.rerun_trials(study_report.winners(read_csv(out / "trials.csv")))  # + matched if they differ
+    assert sorted((r["arm"], int(r["winner_trial"])) for r in seeds) == sorted(
+        (group, trial) for group, (_, trial) in groups.items() for _ in range(2))  # each group at both rerun seeds
+    assert {r["status"] for r in seeds} == {"finished"}
     assert all(0 <= float(r["test_acc"]) <= 1 for r in seeds)
     printed = [ln for ln in resumed.stdout.splitlines() if re.match(r"study: (baseline|vpn) +#", ln)]
     assert len(printed) == 6 - len(finished)
