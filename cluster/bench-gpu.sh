@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's GPU figures in one command, on one machine with a CUDA GPU and torch + torchvision + pyyaml (no Ray, no
+# The GPU figures of docs/benchmarks.md in one command, on one machine with a CUDA GPU and torch + torchvision + pyyaml (no Ray, no
 # FFCV: batches are in memory). Prints Markdown tables: images/s, the measured GEMM and conv peak at the run's
 # dtype, the fraction of that roofline, and the device's name.
 #   cluster/bench-gpu.sh > bench-gpu.md          # DEVICE=cpu cluster/bench-gpu.sh --steps 2: a dry run anywhere

@@ -77,6 +77,21 @@ def test_roofline_bench_prints_peak_and_fractions(capsys):
     # gradients, and input gradients but x's
 
 
+def test_roofline_bench_counts_m_draws_per_image(capsys):
+    """--m: the base sees each image m times, so a step's FLOPs per image grow by the base's share per draw."""
+    flops = {}
+    for m in (1, 2, 4):
+        assert main(["bench", "roofline", "--shape", "1x28x28", "--base", "dnn3", "--generator", "dnn3",
+                     "--batch-size", "8", "--eval-batch-size", "8", "--steps", "1", "--device", "cpu", "--amp", "off",
+                     "--m", str(m)]) == 0
+        out = capsys.readouterr().out
+        assert f"generator, m = {m}," in out.splitlines()[0]
+        flops[m] = float(re.search(r"\| training step \(forward.*?\| ([\d.,]+) M", out).group(1))
+    per_draw = flops[2] - flops[1]  # the DNN3 base's forward and backward, its input's gradient included: ~11 M
+    assert per_draw > 9, flops
+    assert flops[4] - flops[2] == pytest.approx(2 * per_draw, abs=0.15), flops
+
+
 def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):
     assert main(["bench", "eval", "--classes", "6", "--shape", "1x8x8", "--toy-steps", "20", "--images", "64",
                  "--top-k", "1,6", "--repeats", "1"]) == 0

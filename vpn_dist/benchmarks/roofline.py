@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models")
     p.add_argument("--optimizer", default="sgd", choices=choices_of("train.optimizer"))
+    p.add_argument("--m", type=int, default=1, help="noise draws per image (vpn.m; default 1): the base sees m x the batch")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
 
 
@@ -132,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     from vpn_dist.trainer import TrainStep, autocast_for, make_optimizer, resolve_amp
 
     shape = parse_shape(args.shape)
-    if args.classes < 2 or args.batch_size < 1 or args.eval_batch_size < 1 or args.steps < 1:
-        raise UserError("--classes must be >= 2, and --batch-size, --eval-batch-size, --steps >= 1")
+    if args.classes < 2 or args.batch_size < 1 or args.eval_batch_size < 1 or args.steps < 1 or args.m < 1:
+        raise UserError("--classes must be >= 2, and --batch-size, --eval-batch-size, --steps, --m >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU is visible")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig()
     cfg.train.optimizer = args.optimizer
     cfg.vpn.mode = "joint" if args.generator != "none" else "baseline"
+    cfg.vpn.m = args.m
     base = build_base(args.base, shape, args.classes).to(device, memory_format=memory_format)
     generator = None if args.generator == "none" else build_generator(args.generator, shape).to(
         device, memory_format=memory_format)
@@ -192,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else (
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; {args.base} base, {args.generator} "
-          f"generator, {args.shape}, K = {args.classes}, batch {args.batch_size} (eval {args.eval_batch_size}), "
+          f"generator, m = {args.m}, {args.shape}, K = {args.classes}, batch {args.batch_size} "
+          f"(eval {args.eval_batch_size}), "
           f"{args.optimizer}, channels_last {args.channels_last}, compile {args.compile}")
     print(f"measured peak: GEMM {gemm_peak / 1e9:,.0f} GFLOP/s, 3x3 conv {conv_peak / 1e9:,.0f} GFLOP/s")
     print("| workload | FLOPs per image (matmul + conv) | images/s | achieved GFLOP/s | fraction of roofline |")
