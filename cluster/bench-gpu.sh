@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one command, on one machine with a CUDA GPU and torch + torchvision + pyyaml (no Ray, no
-# FFCV: batches are in memory). Prints Markdown tables: images/s, the measured GEMM and conv peak at the run's
-# dtype, the fraction of that roofline, and the device's name.
+# The GPU figures of docs/benchmarks.md in one command, on one machine with a CUDA GPU and torch + torchvision +
+# pyyaml (no Ray, no FFCV: batches are in memory). Prints Markdown tables: images/s, the measured GEMM and conv peak
+# at the run's dtype, the fraction of that roofline, and the device's name.
 #   cluster/bench-gpu.sh > bench-gpu.md          # DEVICE=cpu cluster/bench-gpu.sh --steps 2: a dry run anywhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
