@@ -92,6 +92,19 @@ def test_roofline_bench_counts_m_draws_per_image(capsys):
     assert flops[4] - flops[2] == pytest.approx(2 * per_draw, abs=0.15), flops
 
 
+def test_roofline_bench_times_the_eager_step_beside_the_compiled_one(capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda mod: compiled.append(mod) or mod)  # the wiring, not the compiler
+    argv = ["bench", "roofline", "--shape", "1x8x8", "--classes", "3", "--base", "sr", "--generator", "dnn3",
+            "--batch-size", "16", "--eval-batch-size", "16", "--steps", "1", "--device", "cpu", "--amp", "off"]
+    assert main(argv) == 0 and "compiled step" not in capsys.readouterr().out
+    assert main([*argv, "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert len(compiled) == 2  # the base and the generator
+    ratio, eager = re.search(r"compiled step ([\d.]+)x the eager one \(([\d,]+) images/s eager\)", out).groups()
+    assert float(ratio) > 0 and int(eager.replace(",", "")) > 0, out
+
+
 def test_eval_bench_checks_every_rule_against_exact_alg2(capsys):
     assert main(["bench", "eval", "--classes", "6", "--shape", "1x8x8", "--toy-steps", "20", "--images", "64",
                  "--top-k", "1,6", "--repeats", "1"]) == 0

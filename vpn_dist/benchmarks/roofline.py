@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     with RecordMatmuls() as recorded:
         forward_backward(eager)
     step_s = median_time(lambda: step(x, y), device, args.steps)
+    eager_s = median_time(lambda: eager(x, y), device, args.steps) if args.compile else None  # the same run's baseline
     matmuls_alone_s = median_time(matmul_replay(recorded.calls, device), device, args.steps)
     looped_s = median_time(lambda: looped(x, y), device, args.steps)
     fwd_bwd_s = median_time(forward_backward, device, args.steps)
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         roofline_s = mm / gemm_peak + cv / conv_peak
         print(f"| {label} | {(mm + cv) / images / 1e6:,.1f} M ({mm / images / 1e6:,.1f} + {cv / images / 1e6:,.1f}) "
               f"| {images / seconds:,.0f} | {(mm + cv) / seconds / 1e9:,.0f} | {roofline_s / seconds:.0%} |")
+    if eager_s is not None:
+        print(f"compiled step {eager_s / step_s:.2f}x the eager one ({args.batch_size / eager_s:,.0f} images/s eager)")
     print(f"optimizer share of the step: {1 - fwd_bwd_s / step_s:.0%} fused, {1 - fwd_bwd_s / looped_s:.0%} looped; "
           f"fused step {looped_s / step_s:.2f}x the looped one")
     print(f"where the step's time goes: its {len(recorded.calls)} matmuls, replayed alone at their own shapes and "
