@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models")
     p.add_argument("--optimizer", default="sgd", choices=choices_of("train.optimizer"))
-    p.add_argument("--m", type=int, default=1, help="noise draws per image (vpn.m; default 1): the base sees m x the batch")
+    p.add_argument("--m", type=int, default=1, help="noise draws per image (vpn.m, default 1)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
 
 
@@ -195,9 +195,8 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else (
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; {args.base} base, {args.generator} "
-          f"generator, m = {args.m}, {args.shape}, K = {args.classes}, batch {args.batch_size} "
-          f"(eval {args.eval_batch_size}), "
-          f"{args.optimizer}, channels_last {args.channels_last}, compile {args.compile}")
+          f"generator, m = {args.m}, {args.shape}, K = {args.classes}, batch {args.batch_size} (eval "
+          f"{args.eval_batch_size}), {args.optimizer}, channels_last {args.channels_last}, compile {args.compile}")
     print(f"measured peak: GEMM {gemm_peak / 1e9:,.0f} GFLOP/s, 3x3 conv {conv_peak / 1e9:,.0f} GFLOP/s")
     print("| workload | FLOPs per image (matmul + conv) | images/s | achieved GFLOP/s | fraction of roofline |")
     print("|---|---|---|---|---|")
